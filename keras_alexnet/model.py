@@ -1,0 +1,202 @@
+"""The paper's network (section 3, Figure 2) as a functional Keras model of two towers.
+
+The input is 227 x 227 x 3, not the 224 the paper's text says: an 11 x 11 kernel at stride 4 needs
+(227 - 11) / 4 + 1 = 55 to give the paper's 55 x 55 conv1 maps (Caffe's bvlc_alexnet uses 227 too).
+
+Tower A and tower B each hold half of every layer, as the paper's two GPUs did. They exchange
+activations only where the paper's GPUs communicated: conv3, fc6 and fc7 see both towers' outputs,
+every other layer sees its own tower only. fc8 and the softmax run on tower A's device.
+"""
+import itertools
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from keras_alexnet.lrn import LocalResponseNormalization
+
+INPUT_SHAPE = (227, 227, 3)
+TOWERS = ("_a", "_b")
+
+# Section 5: "We initialized the weights in each layer from a zero-mean Gaussian distribution with
+# standard deviation 0.01. We initialized the neuron biases in the second, fourth, and fifth
+# convolutional layers, as well as in the fully-connected hidden layers, with the constant 1 ...
+# the remaining layers with the constant 0." Caffe's bvlc_alexnet uses std 0.005 for fc6/fc7 and
+# biases 0.1 instead of 1; "glorot" is Keras's default (Glorot-uniform weights, zero biases).
+INITS = {
+    "paper": {"std": {}, "bias": {"conv2": 1.0, "conv4": 1.0, "conv5": 1.0, "fc6": 1.0, "fc7": 1.0}},
+    "caffe": {"std": {"fc6": 0.005, "fc7": 0.005},
+              "bias": {"conv2": 0.1, "conv4": 0.1, "conv5": 0.1, "fc6": 0.1, "fc7": 0.1}},
+    "glorot": None,
+}
+
+
+def _local_name(device):
+    """"TYPE:index" of a device string, so that "/device:CPU:0" and "/job:w/task:1/device:CPU:0" agree."""
+    spec = tf.DeviceSpec.from_string(device)
+    return f"{spec.device_type}:{spec.device_index}"
+
+
+def tower_device(tower_devices, tower):
+    """The device string of `tower` (0 = A, 1 = B) under `tower_devices`, or None for no placement.
+
+    `tower_devices` is None (let TensorFlow place), a pair of devices, or a plan that maps each
+    MirroredStrategy replica device to its pair; the plan is looked up from the replica context
+    at call time, so one model serves every replica of a data-parallel run.
+    """
+    if not tower_devices:
+        return None
+    if isinstance(tower_devices, dict):
+        context = tf.distribute.get_replica_context()
+        if context is None:  # Cross-replica context (strategy.scope()): the strategy places variables.
+            return None
+        plan = {_local_name(k): v for k, v in tower_devices.items()}
+        replica_devices = tf.nest.flatten(context.devices)
+        pair = plan.get(_local_name(replica_devices[0])) if replica_devices else None
+        if pair is None:  # Outside the plan's replicas (e.g. a single-device call): use the first pair.
+            pair = next(iter(tower_devices.values()))
+        return pair[tower]
+    return tower_devices[tower]
+
+
+def default_tower_devices():
+    """Two GPUs -> GPU:0 and GPU:1, as in the paper; otherwise both towers on the one device there is."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) >= 2:
+        return (gpus[0].name, gpus[1].name)
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_alexnet")
+class OnTower(keras.layers.Wrapper):
+    """Runs the wrapped layer, and builds its variables, under its tower's `tf.device` scope.
+
+    A `tf.device` scope around a layer call while a functional model is built is not replayed when
+    the model runs, so the scope is entered here, in `build` and in `call`, every time the model runs.
+    """
+
+    def __init__(self, layer, tower, tower_devices=None, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        self.tower = int(tower)
+        self.tower_devices = tower_devices
+
+    def _scope(self):
+        return tf.device(tower_device(self.tower_devices, self.tower))
+
+    def build(self, input_shape):
+        if not self.layer.built:  # A deserialized inner layer arrives built.
+            with self._scope():
+                self.layer.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        with self._scope():
+            if self.layer._call_has_training_arg:
+                return self.layer(inputs, training=training)
+            return self.layer(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "tower": self.tower, "tower_devices": self.tower_devices}
+
+
+def _initializers(init, name, seed):
+    """(kernel, bias) initializers of layer `name` ("conv1", ..., "fc8") under scheme `init`."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    scheme = INITS[init]
+    if scheme is None:
+        return keras.initializers.GlorotUniform(seed=seed), keras.initializers.Zeros()
+    std = scheme["std"].get(name, 0.01)
+    return (keras.initializers.RandomNormal(stddev=std, seed=seed),
+            keras.initializers.Constant(scheme["bias"].get(name, 0.0)))
+
+
+def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="paper",
+                  seed=None, lrn=True, pool_size=3, pool_stride=2, towers=2, name="alexnet"):
+    """Builds AlexNet (Figure 2 of the paper): input 227x227x3 mean-subtracted RGB, softmax output.
+
+    Args:
+      num_classes: width of fc8 (1000 for ILSVRC).
+      tower_devices: None (TensorFlow places; with two GPUs, GPU:0 and GPU:1), a pair of device
+        strings for towers A and B, or a dict mapping each replica device to such a pair.
+      dropout_rate: dropout after fc6 and fc7 (section 4.2; 0 disables it).
+      init: "paper" (section 5), "caffe" (bvlc_alexnet's fillers) or "glorot" (Keras default).
+      seed: makes the initial weights and the dropout masks reproducible.
+      lrn: False removes both LRN layers (the section 3.3 ablation).
+      pool_size, pool_stride: 3 and 2 overlap as in section 3.4; 2 and 2 is the non-overlapping ablation.
+      towers: 2 for the paper's two towers, 1 for a single tower of the same total width.
+    """
+    if towers not in (1, 2):
+        raise ValueError(f"towers must be 1 or 2, got {towers}")
+    if tower_devices is None:
+        tower_devices = default_tower_devices()
+    if isinstance(tower_devices, (list, tuple)):
+        tower_devices = list(tower_devices)
+    width = 2 // towers  # A single tower holds both halves of every layer.
+    suffixes = TOWERS[:towers] if towers == 2 else ("",)
+    layer_index = itertools.count()
+
+    def next_seed():  # One distinct seed per initializer and dropout layer.
+        return None if seed is None else seed + next(layer_index)
+
+    def on(tower, layer):
+        return OnTower(layer, tower, tower_devices)
+
+    def conv(name, filters, kernel, tower, suffix, strides=1, padding="same"):
+        kernel_init, bias_init = _initializers(init, name, next_seed())
+        return on(tower, layers.Conv2D(
+            filters * width, kernel, strides=strides, padding=padding, activation="relu",
+            kernel_initializer=kernel_init, bias_initializer=bias_init, name=f"{name}{suffix}"))
+
+    def dense(name, units, tower, suffix, activation="relu"):
+        kernel_init, bias_init = _initializers(init, name, next_seed())
+        return on(tower, layers.Dense(
+            units, activation=activation, kernel_initializer=kernel_init,
+            bias_initializer=bias_init, name=f"{name}{suffix}"))
+
+    def pool(name, tower):
+        return on(tower, layers.MaxPooling2D(pool_size, pool_stride, name=name))
+
+    def merge(inputs, name, tower):
+        return inputs[0] if len(inputs) == 1 else on(tower, layers.Concatenate(name=name))(inputs)
+
+    def dropout(name, tower):
+        return on(tower, layers.Dropout(dropout_rate, seed=next_seed(), name=name))
+
+    images = keras.Input(INPUT_SHAPE, name="images")
+    x = {}
+    for t, s in enumerate(suffixes):  # Layers 1-2: each tower sees only its own maps.
+        h = conv("conv1", 48, 11, t, s, strides=4, padding="valid")(images)
+        if lrn:
+            h = on(t, LocalResponseNormalization(name=f"lrn1{s}"))(h)
+        h = pool(f"pool1{s}", t)(h)
+        h = conv("conv2", 128, 5, t, s)(h)
+        if lrn:
+            h = on(t, LocalResponseNormalization(name=f"lrn2{s}"))(h)
+        x[s] = pool(f"pool2{s}", t)(h)
+    both = [x[s] for s in suffixes]
+    for t, s in enumerate(suffixes):  # conv3 takes both towers' maps; conv4-5 their own.
+        h = conv("conv3", 192, 3, t, s)(merge(both, f"conv3_in{s}", t))
+        h = conv("conv4", 192, 3, t, s)(h)
+        h = conv("conv5", 128, 3, t, s)(h)
+        h = pool(f"pool5{s}", t)(h)
+        x[s] = on(t, layers.Flatten(name=f"flatten{s}"))(h)
+    for fc in ("fc6", "fc7"):  # Fully connected layers take both towers' outputs.
+        both = [x[s] for s in suffixes]
+        for t, s in enumerate(suffixes):
+            h = dense(fc, 2048 * width, t, s)(merge(both, f"{fc}_in{s}", t))
+            x[s] = h if fc == "fc7" else dropout(f"dropout6{s}", t)(h)
+    fc7 = on(0, layers.Concatenate(name="fc7"))([x[s] for s in suffixes]) if towers == 2 else x[""]
+    h = dropout("dropout7", 0)(fc7)
+    logits = dense("fc8", num_classes, 0, "", activation=None)(h)
+    probabilities = on(0, layers.Activation("softmax", dtype="float32", name="probabilities"))(logits)
+    return keras.Model(images, probabilities, name=name)
+
+
+def feature_model(model, layer="fc7"):
+    """The sub-model from the images to a named layer's output (fc7: section 6.1's features)."""
+    return keras.Model(model.input, model.get_layer(layer).output, name=f"{model.name}_{layer}")

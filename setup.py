@@ -1,0 +1,27 @@
+"""keras-alexnet: the 2012 AlexNet (Krizhevsky, Sutskever & Hinton) in TensorFlow / Keras 3."""
+from setuptools import find_packages, setup
+
+setup(
+    name="keras_alexnet",
+    version="0.1.0",
+    description="A faithful, usable reproduction of AlexNet (NIPS 2012) in TensorFlow/Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_alexnet", "keras_alexnet.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21",
+        "keras>=3.15,<4",
+        "tensorflow-datasets>=4.9.10",
+        # tensorflow-datasets imports it in download_and_prepare without declaring it.
+        "importlib_resources>=6.0",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "tensorboard>=2.20",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "and-cuda": ["tensorflow[and-cuda]>=2.21"],
+        "dev": ["pytest>=8.0"],
+    },
+)
