@@ -19,6 +19,7 @@ setup(
         "absl-py>=2.1",
         "tensorboard>=2.20",
         "pillow>=10.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "and-cuda": ["tensorflow[and-cuda]>=2.21"],

@@ -51,10 +51,13 @@ def tower_device(tower_devices, tower):
         if context is None:  # Cross-replica context (strategy.scope()): the strategy places variables.
             return None
         plan = {_local_name(k): v for k, v in tower_devices.items()}
-        replica_devices = tf.nest.flatten(context.devices)
-        pair = plan.get(_local_name(replica_devices[0])) if replica_devices else None
-        if pair is None:  # Outside the plan's replicas (e.g. a single-device call): use the first pair.
-            pair = next(iter(tower_devices.values()))
+        try:
+            pair = plan.get(_local_name(tf.nest.flatten(context.devices)[0]))
+        except IndexError:  # MultiWorkerMirroredStrategy numbers its replicas across workers.
+            pair = None
+        if pair is None:  # By local replica number; outside a strategy that is 0, the first pair.
+            replica = tf.get_static_value(context.replica_id_in_sync_group) or 0
+            pair = list(plan.values())[replica % len(plan)]
         return pair[tower]
     return tower_devices[tower]
 

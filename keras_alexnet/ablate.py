@@ -1,0 +1,138 @@
+"""python -m keras_alexnet.ablate: the paper's design choices re-run in small, each against one baseline.
+
+Every variant trains from the same seed with the same data and flags as the baseline, changing one thing:
+LRN (section 3.3), overlapping pooling (3.4), dropout (4.2), PCA lighting (4.1), two towers (3.2); the
+baseline's final model is also tested with the 10-crop test (4.1). Writes OUTPUT_DIR/ablation.md (one
+table) and OUTPUT_DIR/curves.png (validation top-1 error per epoch).
+"""
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+
+import tensorflow as tf
+from absl import app, flags
+
+from keras_alexnet import checkpoint, data, evaluate, train
+
+VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
+    "baseline": ("the paper's network", {}, {}),
+    "no_lrn": ("without LRN (3.3)", {}, {"lrn": False}),
+    "pool_2x2": ("non-overlapping 2x2/2 pooling (3.4)", {}, {"pool_size": 2, "pool_stride": 2}),
+    "no_dropout": ("without dropout (4.2)", {"dropout_rate": 0.0}, {}),
+    "no_pca": ("without PCA lighting (4.1)", {"pca_lighting": False}, {}),
+    "one_tower": ("one tower of the same width (3.2)", {}, {"towers": 1}),
+}
+
+flags.DEFINE_string("output_dir", "runs/ablate", "One run directory per variant, the table and the plot.")
+flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
+FLAGS = flags.FLAGS
+
+
+def variant_config(base, name):
+    _, changes, model_changes = VARIANTS[name]
+    return dataclasses.replace(base, **changes, model={**base.model, **model_changes},
+                               model_dir=os.path.join(FLAGS.output_dir, name), export_dir=None)
+
+
+def read_history(model_dir):
+    with tf.io.gfile.GFile(os.path.join(model_dir, train.HISTORY)) as f:
+        return [json.loads(line) for line in f]
+
+
+def ten_crop_error(model_dir, base):
+    """Top-1 and top-5 error of a finished run's model with the paper's 10-crop test."""
+    model, run, _ = checkpoint.restore_model(model_dir)
+    source = data.load_source(base.dataset, "validation", base.data_dir, seed=base.seed)
+    dataset = data.eval_pipeline(source, base.batch_size, data.Stats.load(run.stats_path), ten_crop=True)
+    if base.eval_steps:
+        dataset = dataset.take(base.eval_steps)
+    return evaluate.evaluate(evaluate.make_eval_step(tf.distribute.get_strategy(), model), dataset)
+
+
+def standard_error(error, n):
+    """Standard error of an error rate measured on n images: a difference under ~2 of these is noise."""
+    return math.sqrt(max(error * (1 - error), 1e-12) / max(n, 1))
+
+
+def table(results, ten_crop, n):
+    """The markdown table: final validation errors, train-val gap and speed per variant."""
+    base = results["baseline"][-1]["validation"]["top1_error"] if "baseline" in results else None
+    se = standard_error(base if base is not None else 0.5, n)
+    lines = [f"Ablation of {n} validation images, {datetime.date.today().isoformat()}; the standard error of a "
+             f"top-1 error near the baseline's is {se:.1%}, so differences under {2 * se:.1%} (2 SE) are noise.",
+             "", "| variant | what | val top-1 err | val top-5 err | train-val gap | img/s | vs baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for name, history in results.items():
+        last = history[-1]
+        top1 = last["validation"]["top1_error"]
+        gap = top1 - last["train"]["top1_error"]
+        verdict = "" if base is None or name == "baseline" else (
+            f"{top1 - base:+.1%}" + (" (within noise)" if abs(top1 - base) < 2 * se else ""))
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {top1:.1%} | {last['validation']['top5_error']:.1%} | "
+                     f"{gap:+.1%} | {last['images_per_second']:.1f} | {verdict} |")
+    if ten_crop is not None:
+        delta = ten_crop["top1_error"] - base
+        lines.append(f"| baseline, 10-crop test | 10-crop test (4.1) | {ten_crop['top1_error']:.1%} | "
+                     f"{ten_crop['top5_error']:.1%} | | | {delta:+.1%}"
+                     f"{' (within noise)' if abs(delta) < 2 * se else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, 2, figsize=(11, 4))
+    for name, history in results.items():
+        epochs = [h["epoch"] for h in history]
+        axes[0].plot(epochs, [h["train"]["loss"] for h in history], label=name)
+        axes[1].plot(epochs, [h["validation"]["top1_error"] for h in history], label=name)
+    for ax, title in zip(axes, ["training loss", "validation top-1 error"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def run_ablation(base, names, strategy, plan):
+    results = {}
+    for name in names:
+        print(f"\n=== {name}: {VARIANTS[name][0]}")
+        config = variant_config(base, name)
+        if not (tf.io.gfile.exists(os.path.join(config.model_dir, train.HISTORY))
+                and len(read_history(config.model_dir)) >= config.epochs):
+            train.train(config, strategy, plan)
+        results[name] = read_history(config.model_dir)
+    ten_crop = ten_crop_error(variant_config(base, "baseline").model_dir, base) if "baseline" in names else None
+    n = results[names[0]][-1]["validation"]["images"]
+    tf.io.gfile.makedirs(FLAGS.output_dir)
+    markdown = table(results, ten_crop, n)
+    with tf.io.gfile.GFile(os.path.join(FLAGS.output_dir, "ablation.md"), "w") as f:
+        f.write(markdown)
+    plot(results, os.path.join(FLAGS.output_dir, "curves.png"))
+    print("\n" + markdown)
+    return markdown
+
+
+def main(argv):
+    del argv
+    try:
+        unknown = set(FLAGS.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        base = train.config_from_flags()
+        train.split_cpu(base.cpu_devices)
+        strategy, plan = train.make_strategy(base.towers_per_replica)
+        run_ablation(base, FLAGS.variants, strategy, plan)
+    except (ValueError, data.DataError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,372 @@
+"""The input pipeline of section 2 (256x256 images, mean subtraction) and 4.1 (data augmentation).
+
+Sources (`load_source`) yield decoded uint8 [256, 256, 3] images: the shorter side rescaled to 256,
+then the central 256x256 patch (section 2). Pipelines (`train_pipeline`, `eval_pipeline`) subtract
+the mean image and take the paper's 227x227 crops: random crops, horizontal flips and fancy-PCA
+lighting for training (section 4.1), the centre crop or the 10-crop test for evaluation.
+"""
+import collections
+import dataclasses
+import hashlib
+import io
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_alexnet import synthetic
+
+IMAGE_SIZE = 256
+CROP_SIZE = 227
+MIN_SIDE = 8  # Decodable images smaller than this (tracking pixels, placeholders) count as corrupt.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataError(ValueError):
+    """A user-facing, one-line problem with the data: bad folder, unknown dataset, missing split."""
+
+
+@dataclasses.dataclass
+class Stats:
+    """Data statistics: the mean image (section 2) and the RGB covariance eigen-figures (section 4.1)."""
+    mean_image: np.ndarray    # (256, 256, 3) float32, 0-255 units.
+    channel_mean: np.ndarray  # (3,)
+    eigenvalues: np.ndarray   # (3,) of the RGB covariance of pixel values scaled to 0-1, descending.
+    eigenvectors: np.ndarray  # (3, 3), column i belongs to eigenvalues[i].
+
+    def __post_init__(self):
+        for name, shape in [("mean_image", (IMAGE_SIZE, IMAGE_SIZE, 3)), ("channel_mean", (3,)),
+                            ("eigenvalues", (3,)), ("eigenvectors", (3, 3))]:
+            value = np.asarray(getattr(self, name), np.float32)
+            if value.shape != shape:
+                raise DataError(f"statistics: {name} has shape {value.shape}, expected {shape}")
+            setattr(self, name, value)
+
+    @classmethod
+    def imagenet(cls):
+        """ILSVRC-2012 figures, for when no statistics of the data at hand were computed.
+
+        Channel means (R, G, B) = (123.68, 116.78, 103.94) of the ILSVRC-2012 training set, as used by
+        the Caffe / VGG models (Simonyan & Zisserman 2014), broadcast to 256x256 (the paper subtracts
+        a mean image; these per-channel means are its spatial average). Eigenvalues and eigenvectors of
+        the RGB covariance (pixels in 0-1) as published in fb.resnet.torch (datasets/imagenet.lua,
+        `pca`), the figures widely used to reproduce section 4.1's lighting augmentation.
+        """
+        channel_mean = np.array([123.68, 116.78, 103.94], np.float32)
+        return cls(mean_image=np.broadcast_to(channel_mean, (IMAGE_SIZE, IMAGE_SIZE, 3)),
+                   channel_mean=channel_mean,
+                   eigenvalues=np.array([0.2175, 0.0188, 0.0045]),
+                   eigenvectors=np.array([[-0.5675, 0.7192, 0.4009],
+                                          [-0.5808, -0.0045, -0.8140],
+                                          [-0.5836, -0.6948, 0.4203]]))
+
+    @classmethod
+    def load(cls, path):
+        """Reads an .npz written by `save` (or `python -m keras_alexnet.stats`)."""
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"statistics file {path} does not exist")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            arrays = np.load(io.BytesIO(f.read()))
+            missing = {f.name for f in dataclasses.fields(cls)} - set(arrays.files)
+            if missing:
+                raise DataError(f"statistics file {path} lacks {', '.join(sorted(missing))}")
+            return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls)})
+
+    def save(self, path):
+        buffer = io.BytesIO()
+        np.savez(buffer, **dataclasses.asdict(self))
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(buffer.getvalue())
+
+
+Source = collections.namedtuple("Source", ["images", "class_names", "num_examples", "skipped"])
+Source.__doc__ = """A split of a dataset.
+
+images: tf.data.Dataset of (uint8 [256, 256, 3] image, int32 label), in a fixed order.
+class_names: list of str, index = label.
+num_examples: int, or None when unknown (files that turn out corrupt are included).
+skipped: zero-argument callable, the number of distinct files found corrupt so far (they are dropped
+    as the images are decoded, so the figure is complete once a pass over the split has ended).
+"""
+
+
+# ----------------------------------------------------------------------------- in-graph helpers
+
+def decode_and_resize(image_bytes):
+    """Scalar string (JPEG, PNG, GIF's first frame, BMP) -> uint8 [256, 256, 3] (section 2).
+
+    Greyscale, CMYK and RGBA become RGB; the shorter side is rescaled to 256 (bilinear, antialiased),
+    then the central 256x256 patch is cropped.
+    """
+    return resize_and_crop(_decode(image_bytes))
+
+
+def _decode(image_bytes):
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_and_crop(image, size=IMAGE_SIZE):
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side to `size`, then the centre crop."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scaled = tf.maximum(tf.cast(tf.round(shape * size / tf.reduce_min(shape)), tf.int32), size)
+    image = tf.image.resize(image, scaled, method="bilinear", antialias=True)
+    image = center_crop(image, size)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def center_crop(images, size=CROP_SIZE):
+    """The central size x size patch of [..., H, W, C] (a single image or a batch)."""
+    images = tf.convert_to_tensor(images)
+    shape = tf.shape(images)
+    top, left = (shape[-3] - size) // 2, (shape[-2] - size) // 2
+    return images[..., top:top + size, left:left + size, :]
+
+
+def ten_crop(image, size=CROP_SIZE):
+    """The 10-crop test of section 4.1: [H, W, C] -> [10, size, size, C].
+
+    Order: centre, top-left, top-right, bottom-left, bottom-right, then the same five flipped
+    horizontally.
+    """
+    shape = tf.shape(image)
+    bottom, right = shape[0] - size, shape[1] - size
+    crops = [center_crop(image, size)] + [image[y:y + size, x:x + size, :] for y, x in
+                                          [(0, 0), (0, right), (bottom, 0), (bottom, right)]]
+    crops = tf.stack(crops)
+    return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+
+
+def pca_lighting(image, alphas, stats):
+    """Section 4.1's lighting change: adds sum_i alpha_i * lambda_i * p_i to every pixel.
+
+    image: float32 in 0-255 units; alphas: [3], drawn from N(0, 0.1) once per image. The eigen-figures
+    are of pixel values in 0-1, hence the factor 255. No clipping (the paper mentions none).
+    """
+    eigenvectors = tf.constant(stats.eigenvectors)
+    shift = tf.linalg.matvec(eigenvectors, tf.cast(alphas, tf.float32) * stats.eigenvalues) * 255.0
+    return image + shift
+
+
+_pca_lighting, _ten_crop = pca_lighting, ten_crop  # For the pipelines, whose arguments shadow the names.
+
+
+# ----------------------------------------------------------------------------- sources
+
+def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0):
+    """The `split` of `dataset` as a `Source`.
+
+    dataset: "synthetic" (built-in, see keras_alexnet.synthetic), a folder of class folders, or a
+        TFDS name such as "imagenette/320px-v2", "tf_flowers" or "imagenet2012".
+    split: "train" or "validation" ("val" also works); other TFDS split names pass through.
+    Folders: DATASET/train and DATASET/val (or validation) are used when present; otherwise DATASET
+        holds the class folders (or only DATASET/train exists) and the validation split is the
+        `val_fraction` of the files whose path hash falls below it: the same for every seed. Classes are
+        the sorted folder names. `seed` fixes the (shuffled) order of the files. TFDS datasets
+        without a validation split use the last `val_fraction` of "train" (TFDS slicing) instead.
+    Undecodable files (truncated, empty, not an image, smaller than MIN_SIDE) are skipped and counted.
+    """
+    split = {"val": "validation"}.get(split, split)
+    if dataset == "synthetic":
+        return _synthetic_source(split)
+    if tf.io.gfile.isdir(dataset):
+        return _folder_source(dataset, split, val_fraction, seed)
+    if dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
+        raise DataError(f"dataset folder {dataset} does not exist")
+    return _tfds_source(dataset, split, data_dir, val_fraction)
+
+
+def _synthetic_source(split):
+    if split not in synthetic.SIZES:
+        raise DataError(f"synthetic has no split {split!r}; it has {', '.join(synthetic.SIZES)}")
+    return Source(synthetic.dataset(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split], lambda: 0)
+
+
+def _folder_source(root, split, val_fraction, seed):
+    subfolders = {name.rstrip("/") for name in tf.io.gfile.listdir(root)}
+    val_name = next((name for name in ("val", "validation") if name in subfolders), None)
+    if "train" in subfolders and val_name:
+        if split not in ("train", "validation"):
+            raise DataError(f"{root} has no split {split!r}; use train or validation")
+        classes_root, held_out = os.path.join(root, "train" if split == "train" else val_name), None
+    elif split in ("train", "validation"):
+        classes_root = os.path.join(root, "train") if "train" in subfolders else root
+        held_out = split == "validation"
+    else:
+        raise DataError(f"{root} has no split {split!r}; use train or validation")
+    class_names, paths, labels = _list_images(classes_root)
+    if held_out is not None:
+        keep = [(_path_fraction(os.path.relpath(p, classes_root)) < val_fraction) == held_out for p in paths]
+        paths, labels = [p for p, k in zip(paths, keep) if k], [l for l, k in zip(labels, keep) if k]
+        if not paths:
+            raise DataError(f"{root}: the {split} split (val_fraction={val_fraction}) holds no images")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    files = tf.data.Dataset.from_tensor_slices(
+        (np.array(paths, dtype=object)[order].astype(str), np.array(labels, np.int32)[order]))
+    images, skipped = _decode_files(files, len(paths), lambda path: _decode(tf.io.read_file(path)))
+    return Source(images, class_names, len(paths), skipped)
+
+
+def _list_images(root):
+    entries = sorted(tf.io.gfile.listdir(root))
+    class_names = [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
+    if not class_names:
+        what = "files but no class subfolders" if entries else "nothing"
+        raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        for file in sorted(tf.io.gfile.listdir(os.path.join(root, name))):
+            if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
+                paths.append(os.path.join(root, name, file))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return class_names, paths, labels
+
+
+def _path_fraction(path):
+    """A number in [0, 1) fixed by the path: which files are held out for validation."""
+    return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def _tfds_source(name, split, data_dir, val_fraction):
+    import tensorflow_datasets as tfds  # Slow to import; only needed here.
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"unknown dataset {name!r}: not 'synthetic', not a folder, not a TFDS name") from None
+    except ValueError as error:  # E.g. an unknown config of a known dataset.
+        raise DataError(f"TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
+    if not builder.is_prepared():
+        manual = ""
+        if name.startswith("imagenet2012"):
+            manual_dir = os.path.join(data_dir or "~/tensorflow_datasets", "downloads", "manual")
+            manual = f" after putting ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}"
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}: run `tfds build {name}"
+            f"{' --data_dir=' + data_dir if data_dir else ''}`{manual} (or call "
+            f"tfds.builder({name!r}).download_and_prepare())")
+    splits = builder.info.splits
+    if split in ("train", "validation") and "validation" not in splits and "train" in splits:
+        cut = round(100 * (1 - val_fraction))
+        split = f"train[:{cut}%]" if split == "train" else f"train[{cut}%:]"
+    try:
+        num_examples = splits[split].num_examples
+    except (KeyError, ValueError, AssertionError):
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from None
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    images = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
+                                decoders={image_key: tfds.decode.SkipDecoding()})
+    images, skipped = _decode_files(images.map(lambda data, label: (data, tf.cast(label, tf.int32))),
+                                    num_examples, _decode)
+    return Source(images, list(builder.info.features[label_key].names), num_examples, skipped)
+
+
+def _decode_files(files, count, decode):
+    """(file, label) -> (uint8 [256, 256, 3], label) for `count` files, dropping undecodable ones.
+
+    A file counts as corrupt when `decode` (reading and tf.io.decode_image) fails on it: unreadable,
+    empty, not an image, a JPEG cut short (TensorFlow refuses truncated JPEGs); or when the image is
+    smaller than MIN_SIDE. Each file is decoded in a one-element dataset whose errors are ignored, so
+    a failure yields a flag instead of stopping the pipeline.
+    """
+    with tf.device("/cpu:0"):
+        bad = tf.Variable(tf.zeros([count], tf.bool), trainable=False, name="corrupt_files")
+    placeholder = tf.data.Dataset.from_tensors((tf.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8), False))
+
+    def try_decode(index, data, label):
+        image = (tf.data.Dataset.from_tensors(data).map(decode).ignore_errors()
+                 .filter(lambda image: tf.reduce_min(tf.shape(image)[:2]) >= MIN_SIDE)
+                 .map(lambda image: (resize_and_crop(image), True)))
+        return image.concatenate(placeholder).take(1).map(lambda image, ok: (image, label, index, ok))
+
+    def keep(image, label, index, ok):
+        bad.scatter_nd_update(index[None, None], tf.logical_not(ok)[None])
+        return ok
+
+    images = (files.enumerate()
+              .interleave(lambda index, pair: try_decode(index, *pair), num_parallel_calls=AUTOTUNE,
+                          deterministic=True)
+              .filter(keep)
+              .map(lambda image, label, index, ok: (image, label)))
+    return images, lambda: int(tf.math.count_nonzero(bad))
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+_caches = {}  # (Source.images, cache, shard) -> dataset; lives as long as the process, as sources do.
+
+
+def _cached(images, cache, shard):
+    """`images` sharded and cached; the same object for equal arguments, so that the cache outlives
+    one pipeline (the trainer builds a pipeline per epoch). A memory or file cache is complete, and
+    used, once a pass has read the dataset to its end."""
+    key = (images, cache, shard)
+    if key not in _caches:
+        if shard[0] > 1:
+            images = images.shard(*shard)
+        if cache:
+            suffix = f".shard{shard[1]}of{shard[0]}" if shard[0] > 1 else ""
+            images = images.cache("" if cache == "memory" else cache + suffix)
+        _caches[key] = images
+    return _caches[key]
+
+
+def _shard(input_context, batch_size):
+    if input_context is None:
+        return (1, 0), batch_size
+    return ((input_context.num_input_pipelines, input_context.input_pipeline_id),
+            input_context.get_per_replica_batch_size(batch_size))
+
+
+def train_pipeline(source, batch_size, stats, seed=0, pca_lighting=True, cache=None, input_context=None,
+                   shuffle_buffer=2048):
+    """Endless training batches: float32 [B, 227, 227, 3] minus the mean, int32 labels [B].
+
+    Section 4.1: a random 227x227 crop (all 30x30 offsets equally likely) of the 256x256 image, a
+    horizontal flip with probability 0.5, and (pca_lighting) the fancy-PCA lighting change. The mean
+    image is subtracted before cropping, so each crop loses its matching patch of the mean.
+    Reproducible: the order comes from a shuffle seeded by `seed`, and the randomness of the element at
+    position i of the endless stream from stateless ops keyed by (seed, i), so the same `seed` gives
+    the same batches. The stream repeats the (reshuffled) split forever: the trainer takes
+    steps_per_epoch batches per epoch; for exact resumption build a new pipeline per epoch with a
+    seed derived from the epoch and skip the batches already taken. Incomplete batches are dropped.
+    cache: None, "memory" or a file path: caches the decoded 256x256 images after the first full pass.
+    input_context: shard for tf.distribute (distribute_datasets_from_function), per-replica batches.
+    """
+    shard, batch_size = _shard(input_context, batch_size)
+    mean = tf.constant(stats.mean_image)
+
+    def augment(position, image, label):
+        keys = tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), position]), 3)
+        top, left = tf.unstack(tf.random.stateless_uniform([2], keys[0], 0, IMAGE_SIZE - CROP_SIZE + 1, tf.int32))
+        image = (tf.cast(image, tf.float32) - mean)[top:top + CROP_SIZE, left:left + CROP_SIZE, :]
+        if pca_lighting:
+            image = _pca_lighting(image, tf.random.stateless_normal([3], keys[1], stddev=0.1), stats)
+        flip = tf.random.stateless_uniform([], keys[2]) < 0.5
+        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        return tf.ensure_shape(image, [CROP_SIZE, CROP_SIZE, 3]), label
+
+    images = _cached(source.images, cache, shard)
+    return (images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+            .map(lambda position, pair: augment(position, *pair), num_parallel_calls=AUTOTUNE)
+            .batch(batch_size, drop_remainder=True)
+            .prefetch(AUTOTUNE))
+
+
+def eval_pipeline(source, batch_size, stats, ten_crop=False, input_context=None):
+    """One pass of evaluation batches, the last one possibly short, labels int32 [B].
+
+    Images are float32 minus the mean image: the centre crop [B, 227, 227, 3], or with ten_crop the
+    10-crop test of section 4.1, [B, 10, 227, 227, 3] (view order as in `ten_crop`).
+    """
+    shard, batch_size = _shard(input_context, batch_size)
+    mean = tf.constant(stats.mean_image)
+    crop = _ten_crop if ten_crop else center_crop
+    images = _cached(source.images, None, shard)
+    return (images.map(lambda image, label: (crop(tf.cast(image, tf.float32) - mean), label),
+                       num_parallel_calls=AUTOTUNE)
+            .batch(batch_size)
+            .prefetch(AUTOTUNE))

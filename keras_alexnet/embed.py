@@ -1,0 +1,231 @@
+"""python -m keras_alexnet.embed: fc7 embeddings of images for TensorBoard's projector (section 6.1).
+
+Section 6.1 of the paper probes what the network learned through the 4096 activations of its last
+hidden layer, fc7: images whose fc7 vectors lie close in Euclidean distance look alike to the
+network (Figure 4). This streams a folder of images, or a split of any dataset training accepts,
+through an exported SavedModel's `features` signature and writes a projector log dir:
+
+    LOGDIR/
+      checkpoint, embedding.ckpt-1.*   tf.train.Checkpoint of one variable: fc7 [N, 4096]
+      metadata.tsv                     header "file<TAB>label", then row i of fc7
+      sprite.png                       row-major thumbnails, ceil(sqrt(N)) a side, at most 8192 px
+      projector_config.pbtxt
+
+    python -m keras_alexnet.embed --saved_model export/alexnet/1 --images photos/ --logdir runs/embeddings
+    tensorboard --logdir runs/embeddings     # PROJECTOR tab
+
+Memory stays bounded however many images there are: each batch's fc7 rows and thumbnails are
+appended to raw files and only the final checkpoint variable holds all N x 4096 floats.
+"""
+import math
+import os
+import re
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from PIL import Image
+from tensorboard.plugins import projector
+
+from keras_alexnet import data
+
+SIGNATURE = "features"
+TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
+METADATA, SPRITE, CHECKPOINT = "metadata.tsv", "sprite.png", "embedding.ckpt"
+THUMB, MAX_SPRITE = 64, 8192  # Thumbnail side and the projector's largest sprite side, in pixels.
+ERRORS = (ValueError, OSError, data.DataError, tf.errors.OpError)
+
+
+def load_features(saved_model):
+    """A function from uint8 crops [n, 227, 227, 3] to their fc7 rows, float32 numpy [n, 4096]."""
+    signatures = tf.saved_model.load(saved_model).signatures
+    if SIGNATURE not in signatures:
+        raise ValueError(f"{saved_model} has no {SIGNATURE!r} signature (found: {', '.join(signatures)})")
+    signature = signatures[SIGNATURE]
+    return lambda crops: signature(images=tf.cast(crops, tf.float32))["fc7"].numpy()
+
+
+def list_images(folder):
+    """Sorted (relative path, label) of the images below `folder`; the label is the folder holding it.
+
+    A folder of class folders gives the class names; a flat folder gives its own name to every image.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a directory")
+    root = os.path.basename(os.path.normpath(folder))
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(data.IMAGE_EXTENSIONS) and not name.startswith("."):
+                path = os.path.relpath(os.path.join(parent, name), folder)
+                found.append((path, os.path.basename(os.path.dirname(path)) or root))
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no {'/'.join(data.IMAGE_EXTENSIONS)} files")
+    return found
+
+
+class Examples:
+    """(name, label, uint8 [256, 256, 3]) of a folder or a dataset split, in a stable order.
+
+    `max_images` counts images that decode; `skipped` counts those that failed, once iterated.
+    """
+
+    def __init__(self, images=None, dataset=None, split="validation", data_dir=None, max_images=None):
+        if (images is None) == (dataset is None):
+            raise ValueError("give exactly one of --images and --dataset")
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"--max_images must be positive, got {max_images}")
+        self.folder, self.max_images, self.skipped = images, max_images, 0
+        if images is not None:
+            self.files = list_images(images)
+            self.total = min(len(self.files), max_images or len(self.files))
+        else:
+            self.source, self.split = data.load_source(dataset, split, data_dir), split
+            self.total = min(filter(None, [self.source.num_examples, max_images]), default=None)
+
+    def __iter__(self):
+        if self.folder is not None:
+            taken = 0
+            for path, label in self.files:
+                if taken == self.max_images:
+                    return
+                try:
+                    image = data.decode_and_resize(tf.io.read_file(os.path.join(self.folder, path)))
+                except (tf.errors.OpError, data.DataError):
+                    self.skipped += 1
+                    continue
+                taken += 1
+                yield path, label, image
+        else:
+            names = self.source.class_names
+            images = self.source.images
+            if self.max_images:
+                images = images.take(self.max_images)
+            for i, (image, label) in enumerate(images):
+                yield f"{self.split}/{i:06d}", names[int(label)], image
+            self.skipped = self.source.skipped()
+
+
+def embedded_batches(features, examples, batch_size):
+    """Yields (names, labels, fc7 float32 [n, 4096], thumbnails uint8 [n, THUMB, THUMB, 3]) per batch.
+
+    The network sees each image's centre 227 x 227 crop, and so does its thumbnail.
+    """
+    batch = []
+    for example in examples:
+        batch.append(example)
+        if len(batch) == batch_size:
+            yield _embed(features, batch)
+            batch = []
+    if batch:
+        yield _embed(features, batch)
+
+
+def _embed(features, batch):
+    names, labels, images = zip(*batch)
+    crops = data.center_crop(tf.stack(images))
+    thumbs = np.stack([np.asarray(Image.fromarray(c).resize((THUMB, THUMB), Image.Resampling.LANCZOS))
+                       for c in np.asarray(crops, np.uint8)])
+    return list(names), list(labels), features(crops), thumbs
+
+
+def tsv_field(text):
+    return re.sub(r"[\t\r\n]", " ", str(text))
+
+
+def write_sprite(path, thumbs):
+    """Writes thumbs [N, THUMB, THUMB, 3] as a ceil(sqrt(N)) square grid; returns the tile side."""
+    grid = math.ceil(math.sqrt(len(thumbs)))
+    side = min(THUMB, MAX_SPRITE // grid)
+    sprite = np.zeros((grid * side, grid * side, 3), np.uint8)
+    for i, thumb in enumerate(thumbs):
+        if side != THUMB:
+            thumb = np.asarray(Image.fromarray(thumb).resize((side, side), Image.Resampling.LANCZOS))
+        row, col = divmod(i, grid)
+        sprite[row * side:(row + 1) * side, col * side:(col + 1) * side] = thumb
+    Image.fromarray(sprite).save(path)
+    return side
+
+
+def write_projector(logdir, batches, total=None):
+    """Writes the projector log dir of `embedded_batches` output; returns the number of rows."""
+    os.makedirs(logdir, exist_ok=True)
+    raw = {key: os.path.join(logdir, f".{key}.raw") for key in ("fc7", "thumbs")}
+    rows, width = 0, None
+    bar = keras.utils.Progbar(total, unit_name="image")
+    try:
+        with open(raw["fc7"], "wb") as vectors, open(raw["thumbs"], "wb") as thumbs, \
+                open(os.path.join(logdir, METADATA), "w", encoding="utf-8") as metadata:
+            metadata.write("file\tlabel\n")
+            for names, labels, fc7, thumbnails in batches:
+                vectors.write(np.ascontiguousarray(fc7, np.float32).tobytes())
+                thumbs.write(np.ascontiguousarray(thumbnails, np.uint8).tobytes())
+                metadata.writelines(f"{tsv_field(n)}\t{tsv_field(l)}\n" for n, l in zip(names, labels))
+                rows, width = rows + len(names), fc7.shape[1]
+                bar.add(len(names))
+        if not rows:
+            raise data.DataError("no image could be embedded")
+        fc7 = tf.Variable(np.memmap(raw["fc7"], np.float32, "r", shape=(rows, width)), name="fc7")
+        tf.train.Checkpoint(fc7=fc7).save(os.path.join(logdir, CHECKPOINT))
+        side = write_sprite(os.path.join(logdir, SPRITE),
+                            np.memmap(raw["thumbs"], np.uint8, "r", shape=(rows, THUMB, THUMB, 3)))
+    finally:
+        for path in raw.values():
+            if os.path.exists(path):
+                os.remove(path)
+    config = projector.ProjectorConfig()
+    embedding = config.embeddings.add(tensor_name=TENSOR_NAME, metadata_path=METADATA)
+    embedding.sprite.image_path = SPRITE
+    embedding.sprite.single_image_dim.extend([side, side])
+    projector.visualize_embeddings(logdir, config)
+    return rows
+
+
+def run(saved_model, logdir, images=None, dataset=None, split="validation", data_dir=None,
+        max_images=None, batch_size=64):
+    """Embeds the images and writes the projector log dir; returns (rows written, images skipped)."""
+    if not saved_model:
+        raise ValueError("--saved_model is required")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    examples = Examples(images, dataset, split, data_dir, max_images)
+    features = load_features(saved_model)
+    rows = write_projector(logdir, embedded_batches(features, examples, batch_size), examples.total)
+    return rows, examples.skipped
+
+
+def fail(error):
+    """Exits with status 1 and a one-line message: the CLIs' way of reporting bad input."""
+    sys.exit("error: " + " ".join(str(error).split()))
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("saved_model", None, "SavedModel from keras_alexnet.export, e.g. export/alexnet/1.")
+    flags.DEFINE_string("images", None, "A folder of class folders (names become labels) or of images.")
+    flags.DEFINE_string("dataset", None, "Instead of --images: any dataset training accepts.")
+    flags.DEFINE_string("split", "validation", "Split of --dataset.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory of --dataset.")
+    flags.DEFINE_integer("max_images", None, "Embed only the first N images (sorted paths / dataset order).")
+    flags.DEFINE_integer("batch_size", 64, "Images per call of the signature.")
+    flags.DEFINE_string("logdir", "runs/embeddings", "Projector log dir to write (tensorboard --logdir).")
+
+
+def main(argv):
+    del argv
+    try:
+        rows, skipped = run(FLAGS.saved_model, FLAGS.logdir, FLAGS.images, FLAGS.dataset,
+                            FLAGS.split, FLAGS.data_dir, FLAGS.max_images, FLAGS.batch_size)
+    except ERRORS as error:
+        fail(error)
+    print(f"wrote {rows} fc7 embeddings to {FLAGS.logdir}; skipped {skipped} images that failed to decode")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,209 @@
+"""python -m keras_alexnet.export: a trained run as a self-contained SavedModel for TensorFlow Serving.
+
+    python -m keras_alexnet.export --model_dir=runs/demo --export_dir=export/alexnet [--version=N] [--ten_crop]
+    python -m keras_alexnet.export --make_npy --out=x.npy [--bytes] IMAGE...
+
+writes EXPORT_DIR/VERSION/ (TF Serving's layout; VERSION defaults to the checkpoint's training step)
+with four signatures over a batch of N images:
+
+    serving_default  images      float32 [N, 227, 227, 3], RGB 0-255  -> probabilities [N, C],
+                                                                        top5_classes int32 [N, K],
+                                                                        top5_labels string [N, K]
+    features         images                                          -> fc7 float32 [N, 4096]
+    predict_images   image_bytes string [N], encoded JPEG/PNG/GIF/BMP -> as serving_default
+    features_images  image_bytes                                     -> as features
+
+K = min(5, C). fc7 is the post-ReLU last hidden layer whose Euclidean distances section 6.1 of the
+paper uses to find similar images. The graph subtracts the run's mean image (its centre 227 crop);
+the bytes signatures also decode, resize and crop (data.decode_and_resize, then the centre crop or,
+exported with --ten_crop, the mean over data.ten_crop's 10 views, section 4.1). The class names (a
+constant, and assets/labels.txt) and the mean image travel inside, so serving needs no keras_alexnet.
+
+--make_npy turns image files into saved_model_cli inputs: decoded centre crops, float32 [N, 227, 227, 3],
+for `--inputs images=x.npy`, or with --bytes the encoded files, an object array [N] for
+`--inputs image_bytes=x.npy`.
+"""
+import os
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from keras_alexnet import checkpoint, data
+from keras_alexnet.model import INPUT_SHAPE, feature_model
+
+IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
+BYTES_EXPECTED = "image_bytes must be a string vector [N] of encoded JPEG/PNG/GIF/BMP images; got shape"
+
+
+def _checked(tensor, ok, expected, shape):
+    """`tensor` with the static `shape` if `ok`, else an error that prints `expected` and its real shape.
+
+    A wrong tensor never reaches the ops after this (Grappler ran them before a plain assertion):
+    the failing branch returns an empty tensor of the right shape once its assertion has passed.
+    """
+    def fail():
+        with tf.control_dependencies([tf.debugging.Assert(False, [expected, tf.shape(tensor)], summarize=8)]):
+            return tf.zeros([0 if size is None else size for size in shape], tensor.dtype)
+
+    return tf.ensure_shape(tf.cond(ok, lambda: tensor, fail), shape)
+
+
+def _images(images):
+    ok = tf.cond(tf.rank(images) == 4, lambda: tf.reduce_all(tf.shape(images)[1:] == INPUT_SHAPE),
+                 lambda: False)
+    return _checked(images, ok, IMAGES_EXPECTED, (None, *INPUT_SHAPE))
+
+
+def _image_bytes(image_bytes):
+    return _checked(image_bytes, tf.rank(image_bytes) == 1, BYTES_EXPECTED, (None,))
+
+
+def serving_module(model, class_names, stats, ten_crop=False):
+    """A tf.Module with the model's weights (each once), the mean image and the four signatures.
+
+    It tracks the raw variables, not the Keras model: a SavedModel of the Keras objects stores the
+    weights twice, or does not run under saved_model_cli (variables not found).
+    """
+    num_classes = model.output.shape[-1]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model of {num_classes} classes")
+    features = feature_model(model)
+    module = tf.Module()
+    module.model_weights = [w.value for w in model.weights]
+    module.mean_image = tf.Variable(data.center_crop(tf.constant(stats.mean_image, tf.float32)),
+                                    trainable=False, name="mean_image")
+
+    def predictions(probabilities):
+        top = tf.math.top_k(probabilities, min(5, num_classes))
+        return {"probabilities": probabilities, "top5_classes": top.indices,
+                "top5_labels": tf.gather(tf.constant(class_names), top.indices)}
+
+    def run(net, images):  # TensorFlow's CPU Conv2D fails on an empty batch, so that skips the net.
+        return tf.cond(tf.shape(images)[0] > 0, lambda: net(images - module.mean_image, training=False),
+                       lambda: tf.zeros((0, net.output.shape[-1])))
+
+    def run_on_bytes(net, image_bytes):
+        decoded = tf.map_fn(data.decode_and_resize, _image_bytes(image_bytes),
+                            fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
+        decoded = tf.cast(decoded, tf.float32)
+        if not ten_crop:
+            return run(net, tf.ensure_shape(data.center_crop(decoded), (None, *INPUT_SHAPE)))
+        views = tf.map_fn(data.ten_crop, decoded, fn_output_signature=tf.TensorSpec((10, *INPUT_SHAPE)))
+        outputs = run(net, tf.reshape(views, (-1, *INPUT_SHAPE)))
+        return tf.reduce_mean(tf.reshape(outputs, (-1, 10, outputs.shape[-1])), axis=1)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+    def serving_default(images):
+        return predictions(run(model, _images(images)))
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+    def features_of_images(images):
+        return {"fc7": run(features, _images(images))}
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name="image_bytes")])
+    def predict_images(image_bytes):
+        return predictions(run_on_bytes(model, image_bytes))
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name="image_bytes")])
+    def features_images(image_bytes):
+        return {"fc7": run_on_bytes(features, image_bytes)}
+
+    # Concrete functions: tf.saved_model.save would trace a tf.function again and store it twice.
+    module.serving_default = serving_default.get_concrete_function()
+    module.features = features_of_images.get_concrete_function()
+    module.predict_images = predict_images.get_concrete_function()
+    module.features_images = features_images.get_concrete_function()
+    return module
+
+
+SIGNATURES = ("serving_default", "features", "predict_images", "features_images")
+
+
+def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False):
+    """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path.
+
+    It is written beside it first and renamed into place, so a server watching EXPORT_DIR never
+    loads half a model; an existing VERSION is replaced.
+    """
+    version = int(version)
+    if version < 0:
+        raise ValueError(f"the version must be a non-negative integer, got {version}")
+    path = os.path.join(export_dir, str(version))
+    staging = os.path.join(export_dir, f".{version}.tmp")  # Not a number: TF Serving ignores it.
+    if tf.io.gfile.exists(staging):
+        tf.io.gfile.rmtree(staging)
+    module = serving_module(model, class_names, stats, ten_crop)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
+        module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
+        tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+    tf.io.gfile.rename(staging, path)
+    return path
+
+
+def make_npy(paths, out, encoded=False):
+    """Writes saved_model_cli's input for `paths`: centre crops [N, 227, 227, 3] or the encoded files."""
+    if not paths:
+        raise ValueError("--make_npy needs image files as arguments")
+    files, crops = [], []
+    for path in paths:
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"no such image: {path}")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            files.append(f.read())
+        try:  # Also with --bytes: a file the signature cannot decode is better caught here.
+            crops.append(data.center_crop(data.decode_and_resize(files[-1])))
+        except tf.errors.InvalidArgumentError:
+            raise data.DataError(f"{path} is not a JPEG, PNG, GIF or BMP image") from None
+    if encoded:
+        array = np.empty(len(files), object)  # saved_model_cli np.loads with allow_pickle=True.
+        array[:] = files
+    else:
+        array = np.asarray(tf.stack(crops), np.float32)
+    with tf.io.gfile.GFile(out, "wb") as f:
+        np.save(f, array)
+    return array.shape
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():  # Not at import: train.py imports this module and has flags of the same names.
+    flags.DEFINE_string("model_dir", None, "Training run to export (its latest checkpoint).")
+    flags.DEFINE_string("export_dir", None, "Write the SavedModel to EXPORT_DIR/VERSION/.")
+    flags.DEFINE_integer("version", None, "Version directory; default: the checkpoint's training step.")
+    flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
+    flags.DEFINE_bool("make_npy", False, "Instead of exporting: write the image files given as arguments to --out.")
+    flags.DEFINE_string("out", None, "The .npy that --make_npy writes.")
+    flags.DEFINE_bool("bytes", False, "--make_npy writes the encoded files (for image_bytes), not pixels.")
+
+
+def main(argv):
+    try:
+        if FLAGS.make_npy:
+            if not FLAGS.out:
+                raise ValueError("--make_npy needs --out=FILE.npy")
+            shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
+            print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
+            return
+        if len(argv) > 1:
+            raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (image files need --make_npy)")
+        if not FLAGS.model_dir or not FLAGS.export_dir:
+            raise ValueError("--model_dir and --export_dir are required")
+        model, run, step = checkpoint.restore_model(FLAGS.model_dir)
+        stats = data.Stats.load(run.stats_path)
+        version = step if FLAGS.version is None else FLAGS.version
+        path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop)
+    except (ValueError, OSError, data.DataError, tf.errors.OpError) as error:
+        sys.exit("error: " + " ".join(str(error).split()))
+    print(f"exported step {step} of {FLAGS.model_dir} to {path}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,107 @@
+"""python -m keras_alexnet.filters: the 96 conv1 kernels as one image (Figure 3 of the paper).
+
+Section 6.1: "the kernels on GPU 1 are largely color-agnostic, while the kernels on GPU 2 are largely
+color-specific." The grid shows tower A's 48 kernels in the top rows and tower B's 48 below, each
+min-max scaled on its own and upsampled (nearest neighbour), one white pixel apart. For each tower
+it prints the mean colour saturation of its kernels, measured as HSV chroma: for each pixel of the
+min-max scaled kernel, max(R, G, B) - min(R, G, B), averaged over the 11 x 11 pixels and the 48
+kernels. 0 is grey, 1 a pure primary. (Chroma rather than HSV's S = chroma / value, which blows up
+on the many dark pixels of a scaled kernel.)
+
+    python -m keras_alexnet.filters --model_dir runs/alexnet --output filters.png
+    python -m keras_alexnet.filters --saved_model export/alexnet/1 --output filters.png
+"""
+import math
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from PIL import Image
+
+from keras_alexnet import checkpoint, embed
+from keras_alexnet.model import TOWERS
+
+KERNEL_SHAPE = (11, 11, 3, 48)
+
+
+def kernels_from_model(model):
+    """(tower A, tower B) conv1 kernels of a build_alexnet model, each [11, 11, 3, 48]."""
+    return tuple(model.get_layer(f"conv1{s}").layer.kernel.numpy() for s in TOWERS)
+
+
+def kernels_from_saved_model(saved_model):
+    """(tower A, tower B) conv1 kernels of a SavedModel: its two (11, 11, 3, 48) variables, by name."""
+    loaded = tf.saved_model.load(saved_model)
+    found = sorted((v for v in tf.train.TrackableView(loaded).descendants()
+                    if isinstance(v, tf.Variable) and tuple(v.shape) == KERNEL_SHAPE), key=lambda v: v.name)
+    if len(found) != 2:
+        raise ValueError(f"{saved_model} has {len(found)} variables of shape {KERNEL_SHAPE}, expected "
+                         "the two conv1 kernels of a two-tower model")
+    return tuple(v.numpy() for v in found)  # Sorted names: conv1_a/... before conv1_b/...
+
+
+def scaled(kernels):
+    """[11, 11, 3, n] kernels -> [n, 11, 11, 3], each kernel min-max scaled to [0, 1] on its own."""
+    k = np.transpose(np.asarray(kernels, np.float64), [3, 0, 1, 2])
+    low, high = k.min((1, 2, 3), keepdims=True), k.max((1, 2, 3), keepdims=True)
+    return (k - low) / np.maximum(high - low, 1e-12)
+
+
+def saturation(kernels):
+    """Mean HSV chroma of the min-max scaled kernels (module docstring)."""
+    k = scaled(kernels)
+    return float((k.max(-1) - k.min(-1)).mean())
+
+
+def kernel_grid(towers, columns=16, scale=4):
+    """uint8 image: each tower's kernels in rows of `columns`, the first tower's rows on top."""
+    tiles = np.concatenate([scaled(k) for k in towers])
+    tiles = np.repeat(np.repeat(tiles, scale, 1), scale, 2)
+    side = tiles.shape[1] + 1  # One gap pixel right of and below each tile.
+    rows_per_tower = math.ceil(towers[0].shape[-1] / columns)
+    grid = np.ones((rows_per_tower * len(towers) * side - 1, columns * side - 1, 3))
+    for t, tower in enumerate(towers):
+        for i in range(tower.shape[-1]):
+            row, col = divmod(i, columns)
+            y, x = (t * rows_per_tower + row) * side, col * side
+            grid[y:y + side - 1, x:x + side - 1] = tiles[t * towers[0].shape[-1] + i]
+    return np.round(grid * 255).astype(np.uint8)
+
+
+def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scale=4):
+    """Writes the grid to `output`; returns {"A": saturation, "B": saturation}."""
+    if bool(model_dir) == bool(saved_model):
+        raise ValueError("give exactly one of --model_dir and --saved_model")
+    if columns < 1 or scale < 1:
+        raise ValueError("--columns and --scale must be positive")
+    towers = kernels_from_saved_model(saved_model) if saved_model else kernels_from_model(
+        checkpoint.restore_model(model_dir)[0])
+    Image.fromarray(kernel_grid(towers, columns, scale)).save(output)
+    return {"A": saturation(towers[0]), "B": saturation(towers[1])}
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("model_dir", None, "Training run whose latest checkpoint to read.")
+    flags.DEFINE_string("saved_model", None, "Instead of --model_dir: a SavedModel from keras_alexnet.export.")
+    flags.DEFINE_string("output", "filters.png", "PNG to write.")
+    flags.DEFINE_integer("columns", 16, "Kernels per row (16: three rows a tower, as in Figure 3).")
+    flags.DEFINE_integer("scale", 4, "Nearest-neighbour upsampling of each 11 x 11 kernel.")
+
+
+def main(argv):
+    del argv
+    try:
+        saturations = run(FLAGS.output, FLAGS.model_dir, FLAGS.saved_model, FLAGS.columns, FLAGS.scale)
+    except embed.ERRORS as error:
+        embed.fail(error)
+    print(f"wrote {FLAGS.output}")
+    for tower, value in saturations.items():
+        print(f"tower {tower}: mean colour saturation (HSV chroma) of its 48 kernels {value:.3f}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

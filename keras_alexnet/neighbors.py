@@ -1,0 +1,139 @@
+"""python -m keras_alexnet.neighbors: the images nearest each query in fc7 space (Figure 4 of the paper).
+
+Section 6.1: "If two images produce feature activation vectors with a small Euclidean separation, we
+can say that the higher levels of the neural network consider them to be similar." Each query image
+is ranked against an index by the Euclidean distance of fc7 vectors.
+
+    python -m keras_alexnet.neighbors --saved_model export/alexnet/1 --index runs/embeddings \\
+        --queries queries/ -k 6 --output_dir runs/neighbors
+
+--index is either a log dir written by keras_alexnet.embed (its checkpointed fc7 variable,
+metadata.tsv and sprite.png are read back, nothing is recomputed; the grid shows the sprite's
+thumbnails) or a folder of images, embedded here through the same `features` signature as the
+queries. An embed log dir must come from the same --saved_model, or the distances mean nothing.
+Writes OUTPUT_DIR/neighbors.png (one row a query: the query, then its k nearest, closest first) and
+OUTPUT_DIR/neighbors.tsv (query, rank, file, label, distance).
+"""
+import collections
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from google.protobuf import text_format
+from PIL import Image
+from tensorboard.plugins import projector
+from tensorboard.plugins.projector import metadata as projector_metadata
+
+from keras_alexnet import embed
+
+Embedded = collections.namedtuple("Embedded", ["fc7", "files", "labels", "thumbs"])
+GAP, CHUNK = 2, 8192  # White pixels between tiles; index rows per distance block.
+
+
+def embed_folder(features, folder, batch_size):
+    """Embedded images of a folder, in memory (the index or the queries of a query run)."""
+    batches = list(embed.embedded_batches(features, embed.Examples(images=folder), batch_size))
+    if not batches:
+        raise ValueError(f"no image in {folder} could be decoded")
+    names, labels, fc7, thumbs = zip(*batches)
+    return Embedded(np.concatenate(fc7), sum(names, []), sum(labels, []), np.concatenate(thumbs))
+
+
+def read_logdir(logdir):
+    """The Embedded rows of an embed log dir, thumbnails cut from its sprite."""
+    config = projector.ProjectorConfig()
+    with open(os.path.join(logdir, projector_metadata.PROJECTOR_FILENAME), encoding="utf-8") as f:
+        text_format.Parse(f.read(), config)
+    info = next((e for e in config.embeddings if e.tensor_name == embed.TENSOR_NAME), None)
+    checkpoint = tf.train.latest_checkpoint(logdir)
+    if info is None or checkpoint is None:
+        raise ValueError(f"{logdir} is not a log dir of keras_alexnet.embed")
+    fc7 = tf.train.load_checkpoint(checkpoint).get_tensor(embed.TENSOR_NAME)
+    with open(os.path.join(logdir, info.metadata_path), encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    sprite = np.asarray(Image.open(os.path.join(logdir, info.sprite.image_path)).convert("RGB"))
+    side = info.sprite.single_image_dim[0]
+    grid = sprite.shape[1] // side
+    tiles = sprite.reshape(grid, side, grid, side, 3).swapaxes(1, 2).reshape(-1, side, side, 3)
+    if len(rows) != len(fc7):
+        raise ValueError(f"{logdir}: {len(rows)} metadata rows for {len(fc7)} embeddings")
+    return Embedded(fc7, [r[0] for r in rows], [r[-1] for r in rows], tiles[:len(fc7)])
+
+
+def nearest(queries, index, k):
+    """(rows [Q, k], distances [Q, k]): the k index rows nearest each query, nearest first."""
+    q = np.asarray(queries, np.float64)
+    squared = np.empty((len(q), len(index)))
+    for start in range(0, len(index), CHUNK):  # |q - x|^2 = |q|^2 - 2 q.x + |x|^2, a block at a time.
+        x = np.asarray(index[start:start + CHUNK], np.float64)
+        squared[:, start:start + len(x)] = ((q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1))
+    rows = np.argsort(squared, 1, kind="stable")[:, :k]
+    return rows, np.sqrt(np.maximum(np.take_along_axis(squared, rows, 1), 0))
+
+
+def grid_image(query_thumbs, index_thumbs, rows):
+    """One row per query: its thumbnail, then its neighbours', GAP white pixels apart."""
+    side = index_thumbs.shape[1]
+    height, width = len(rows), rows.shape[1] + 1
+    image = np.full((height * (side + GAP) - GAP, width * (side + GAP) - GAP, 3), 255, np.uint8)
+    for r, (query, neighbours) in enumerate(zip(query_thumbs, rows)):
+        query = np.asarray(Image.fromarray(query).resize((side, side), Image.Resampling.LANCZOS))
+        for c, tile in enumerate([query, *index_thumbs[neighbours]]):
+            y, x = r * (side + GAP), c * (side + GAP)
+            image[y:y + side, x:x + side] = tile
+    return image
+
+
+def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64):
+    """Writes neighbors.png and neighbors.tsv under output_dir; returns their paths."""
+    if not saved_model or not index or not queries:
+        raise ValueError("--saved_model, --index and --queries are all required")
+    if k < 1:
+        raise ValueError(f"-k must be positive, got {k}")
+    features = embed.load_features(saved_model)
+    if os.path.isfile(os.path.join(index, projector_metadata.PROJECTOR_FILENAME)):
+        found = read_logdir(index)
+    else:
+        found = embed_folder(features, index, batch_size)
+    asked = embed_folder(features, queries, batch_size)
+    if asked.fc7.shape[1] != found.fc7.shape[1]:
+        raise ValueError(f"queries have {asked.fc7.shape[1]} features but the index {found.fc7.shape[1]}")
+    rows, distances = nearest(asked.fc7, found.fc7, min(k, len(found.fc7)))
+    os.makedirs(output_dir, exist_ok=True)
+    png, tsv = os.path.join(output_dir, "neighbors.png"), os.path.join(output_dir, "neighbors.tsv")
+    Image.fromarray(grid_image(asked.thumbs, found.thumbs, rows)).save(png)
+    with open(tsv, "w", encoding="utf-8") as f:
+        f.write("query\trank\tfile\tlabel\tdistance\n")
+        for query, row, distance in zip(asked.files, rows, distances):
+            for rank, (i, d) in enumerate(zip(row, distance), 1):
+                f.write(f"{embed.tsv_field(query)}\t{rank}\t{embed.tsv_field(found.files[i])}\t"
+                        f"{embed.tsv_field(found.labels[i])}\t{d:.6g}\n")
+    return png, tsv
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("saved_model", None, "SavedModel from keras_alexnet.export (its features signature).")
+    flags.DEFINE_string("index", None, "A keras_alexnet.embed log dir, or a folder of images to search.")
+    flags.DEFINE_string("queries", None, "A folder of query images (class folders or flat).")
+    flags.DEFINE_integer("k", 6, "Neighbours per query (Figure 4 shows 6).")
+    flags.DEFINE_string("output_dir", "runs/neighbors", "Where neighbors.png and neighbors.tsv go.")
+    flags.DEFINE_integer("batch_size", 64, "Images per call of the signature.")
+
+
+def main(argv):
+    del argv
+    try:
+        png, tsv = run(FLAGS.saved_model, FLAGS.index, FLAGS.queries, FLAGS.k, FLAGS.output_dir,
+                       FLAGS.batch_size)
+    except embed.ERRORS as error:
+        embed.fail(error)
+    print(f"wrote {png} and {tsv}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

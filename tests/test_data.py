@@ -1,0 +1,386 @@
+"""The input pipeline (sections 2 and 4.1) against numpy: decode, crops, flips, lighting, stats, errors."""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from keras_alexnet import data, stats as stats_cli, synthetic
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette2_224_subset"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def encode(array, fmt="PNG", mode=None):
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def zero_stats(mean_image=None):
+    return data.Stats(mean_image=np.zeros((256, 256, 3)) if mean_image is None else mean_image,
+                      channel_mean=np.zeros(3), eigenvalues=[0.2, 0.02, 0.004], eigenvectors=np.eye(3))
+
+
+def constant_source(images, labels=None):
+    """A Source over given uint8 [256, 256, 3] arrays, labels = position unless given."""
+    labels = np.arange(len(images), dtype=np.int32) if labels is None else np.asarray(labels, np.int32)
+    return data.Source(tf.data.Dataset.from_tensor_slices((np.stack(images), labels)), ["x"], len(images),
+                       lambda: 0)
+
+
+def collect(dataset, batches):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in dataset.take(batches)])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.fixture(scope="session")
+def coordinates():
+    """A 256x256 image whose red / green values are the row / column of the pixel."""
+    rows, cols = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    return np.stack([rows, cols, np.full_like(rows, 7)], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """3 classes of good images (JPEG, PNG, greyscale, odd sizes) plus 4 corrupt files and a README."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    good = 0
+    for c, name in enumerate(["cat", "ant", "bee"]):  # Sorted: ant, bee, cat.
+        (root / name).mkdir()
+        for i, (h, w) in enumerate([(256, 300), (300, 256), (180, 400), (512, 512)]):
+            array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            fmt, suffix = [("PNG", ".png"), ("JPEG", ".jpg"), ("JPEG", ".JPEG"), ("BMP", ".bmp")][i]
+            (root / name / f"img{i}{suffix}").write_bytes(encode(array, fmt, "L" if (c, i) == (0, 1) else None))
+            good += 1
+    whole = encode(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8), "JPEG")
+    (root / "ant" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    (root / "ant" / "empty.jpg").write_bytes(b"")
+    (root / "bee" / "text.jpg").write_text("not an image at all\n")
+    (root / "cat" / "pixel.png").write_bytes(encode(np.zeros((1, 1, 3), np.uint8)))
+    (root / "cat" / "README.txt").write_text("ignored: not an image extension")
+    return root, good, 4
+
+
+# ----------------------------------------------------------------------------- in-graph helpers
+
+def test_decode_and_resize_shorter_side_then_centre(coordinates):
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 256, (256, 400, 3), dtype=np.uint8)  # Shorter side already 256: crop only.
+    out = data.decode_and_resize(tf.constant(encode(wide)))
+    assert out.dtype == tf.uint8 and out.shape == (256, 256, 3)
+    np.testing.assert_array_equal(out.numpy(), wide[:, 72:328])
+    tall = np.repeat(np.repeat(rng.integers(0, 256, (200, 128, 3), dtype=np.uint8), 2, 0), 2, 1)  # 400x256
+    np.testing.assert_array_equal(tf.function(data.decode_and_resize)(tf.constant(encode(tall))).numpy(),
+                                  tall[72:328])
+    small = np.full((100, 150, 3), (200, 30, 90), np.uint8)  # Upscaled: a flat colour stays flat.
+    np.testing.assert_array_equal(data.decode_and_resize(tf.constant(encode(small))).numpy(),
+                                  np.full((256, 256, 3), (200, 30, 90), np.uint8))
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGBA"), ("PNG", "L"),
+                                      ("GIF", None), ("BMP", None)])
+def test_decode_formats_give_rgb(fmt, mode):
+    colour = (200, 40, 90) if mode != "L" else (120, 120, 120)
+    out = data.decode_and_resize(tf.constant(encode(np.full((64, 96, 3), colour, np.uint8), fmt, mode))).numpy()
+    assert out.shape == (256, 256, 3)
+    tolerance = 40 if fmt == "GIF" else 6  # GIF's palette, JPEG's chroma loss.
+    assert np.abs(out.astype(int) - colour).max() <= tolerance, out.reshape(-1, 3).mean(0)
+
+
+def test_center_crop_single_and_batch():
+    images = np.random.default_rng(2).random((2, 256, 250, 3)).astype(np.float32)
+    np.testing.assert_array_equal(data.center_crop(images).numpy(), images[:, 14:241, 11:238])
+    np.testing.assert_array_equal(data.center_crop(images[0], 200).numpy(), images[0, 28:228, 25:225])
+
+
+def test_ten_crop_views_and_order():
+    image = np.random.default_rng(3).random((256, 256, 3)).astype(np.float32)
+    views = data.ten_crop(tf.constant(image)).numpy()
+    expected = [image[14:241, 14:241], image[:227, :227], image[:227, 29:], image[29:, :227], image[29:, 29:]]
+    expected += [view[:, ::-1] for view in expected]
+    assert views.shape == (10, 227, 227, 3)
+    for i, view in enumerate(expected):
+        np.testing.assert_array_equal(views[i], view, err_msg=f"view {i}")
+
+
+def test_pca_lighting_shifts_every_pixel_by_the_formula():
+    stats = data.Stats.imagenet()
+    image = np.random.default_rng(4).uniform(0, 255, (227, 227, 3)).astype(np.float32)
+    np.testing.assert_array_equal(data.pca_lighting(image, tf.zeros(3), stats).numpy(), image)
+    alphas = np.array([0.1, -0.2, 0.05], np.float32)
+    shift = data.pca_lighting(image, alphas, stats).numpy() - image
+    expected = stats.eigenvectors @ (alphas * stats.eigenvalues) * 255  # sum_i alpha_i lambda_i p_i.
+    np.testing.assert_allclose(shift, np.broadcast_to(expected, shift.shape), atol=1e-3)
+    # The shift lies along the eigenvectors with weights alpha_i * lambda_i * 255.
+    np.testing.assert_allclose(stats.eigenvectors.T @ shift[5, 9], alphas * stats.eigenvalues * 255, atol=2e-2)
+
+
+def test_imagenet_stats_and_round_trip(tmp_path):
+    stats = data.Stats.imagenet()
+    np.testing.assert_allclose(stats.mean_image[100, 3], [123.68, 116.78, 103.94])
+    np.testing.assert_allclose(stats.eigenvalues, [0.2175, 0.0188, 0.0045])
+    np.testing.assert_allclose(stats.eigenvectors.T @ stats.eigenvectors, np.eye(3), atol=2e-3)
+    stats.save(tmp_path / "s.npz")
+    loaded = data.Stats.load(str(tmp_path / "s.npz"))
+    for name in ["mean_image", "channel_mean", "eigenvalues", "eigenvectors"]:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(stats, name))
+        assert getattr(loaded, name).dtype == np.float32
+    with pytest.raises(FileNotFoundError):
+        data.Stats.load(str(tmp_path / "missing.npz"))
+
+
+# ----------------------------------------------------------------------------- training pipeline
+
+@pytest.fixture(scope="session")
+def coordinate_batches(coordinates):
+    """1,280 augmented views (no lighting) of the coordinate image minus half of it as the mean image:
+    a view is half the coordinates, if the mean was cropped at the image's offset."""
+    source = constant_source([coordinates] * 64)
+    stats = zero_stats(coordinates / 2)
+    return collect(data.train_pipeline(source, 64, stats, seed=3, pca_lighting=False), 20)
+
+
+def test_train_batches_shape_dtype(coordinate_batches):
+    images, labels = coordinate_batches
+    assert images.shape == (1280, 227, 227, 3) and images.dtype == np.float32
+    assert labels.dtype == np.int32 and set(labels) == set(range(64))
+
+
+def test_random_crops_cover_exactly_the_30x30_offsets(coordinates, coordinate_batches):
+    half = coordinates / 2
+    offsets, flips = [], []
+    for image in coordinate_batches[0]:
+        flipped = bool(image[0, 0, 1] > image[0, -1, 1])  # Columns count down.
+        view = image[:, ::-1] if flipped else image
+        top, left = int(round(2 * view[0, 0, 0])), int(round(2 * view[0, 0, 1]))
+        assert 0 <= top < 30 and 0 <= left < 30, (top, left)
+        np.testing.assert_allclose(view, half[top:top + 227, left:left + 227], atol=1e-4)
+        offsets.append((top, left)), flips.append(flipped)
+    tops, lefts = zip(*offsets)
+    assert set(tops) == set(range(30)) and set(lefts) == set(range(30))
+    assert 15 < min(np.bincount(tops)) and max(np.bincount(tops)) < 80  # Uniform: ~43 each.
+    assert 630 < len(set(offsets)) < 740  # Independent: ~683 distinct of the 900 pairs in 1,280 draws.
+    assert 0.43 < np.mean(flips) < 0.57, np.mean(flips)
+
+
+def test_lighting_moves_each_image_by_one_vector(coordinates):
+    stats = data.Stats.imagenet()
+    source = constant_source([coordinates] * 8)
+    plain, _ = collect(data.train_pipeline(source, 8, stats, seed=4, pca_lighting=False), 2)
+    lit, _ = collect(data.train_pipeline(source, 8, stats, seed=4, pca_lighting=True), 2)
+    shifts = (lit - plain).reshape(len(lit), -1, 3)
+    np.testing.assert_allclose(shifts, shifts[:, :1].repeat(shifts.shape[1], 1), atol=1e-3)
+    weights = shifts[:, 0] @ stats.eigenvectors / (255 * stats.eigenvalues)  # = alpha_i ~ N(0, 0.1)
+    assert np.all(np.abs(weights) < 0.6) and 0.02 < weights.std() < 0.3, weights
+    assert len(np.unique(np.round(shifts[:, 0], 3), axis=0)) == len(lit)  # Drawn once per image.
+
+
+def test_same_seed_same_batches_other_seed_differs():
+    rng = np.random.default_rng(6)
+    source = constant_source(list(rng.integers(0, 256, (40, 256, 256, 3), dtype=np.uint8)))
+    stats = data.Stats.imagenet()
+    first = collect(data.train_pipeline(source, 16, stats, seed=1, shuffle_buffer=16), 6)
+    again = collect(data.train_pipeline(source, 16, stats, seed=1, shuffle_buffer=16), 6)
+    other = collect(data.train_pipeline(source, 16, stats, seed=2, shuffle_buffer=16), 6)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1]) and not np.allclose(first[0], other[0])
+    # It repeats: 6 batches of 16 from 40 images, every image in each of the first two passes.
+    assert np.all(np.bincount(first[1][:80], minlength=40) == 2)
+
+
+def test_cache_gives_the_same_batches_and_shards(tmp_path):
+    rng = np.random.default_rng(7)
+    source = constant_source(list(rng.integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)))
+    stats = data.Stats.imagenet()
+    plain = collect(data.train_pipeline(source, 8, stats, seed=5, shuffle_buffer=8), 6)
+    for cache in ["memory", str(tmp_path / "cache")]:
+        for _ in range(2):  # Second round reads the completed cache.
+            cached = collect(data.train_pipeline(source, 8, stats, seed=5, shuffle_buffer=8, cache=cache), 6)
+            np.testing.assert_array_equal(cached[0], plain[0])
+    assert list(tmp_path.glob("cache*.index"))
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    images, labels = collect(data.train_pipeline(source, 16, stats, input_context=context), 3)
+    assert images.shape[0] == 3 * 4 and set(labels) == set(range(1, 24, 2))
+
+
+# ----------------------------------------------------------------------------- evaluation pipeline
+
+def test_eval_pipeline_centre_and_ten_crop():
+    rng = np.random.default_rng(8)
+    raw = rng.integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
+    mean = rng.uniform(0, 255, (256, 256, 3)).astype(np.float32)
+    source = constant_source(list(raw))
+    batches = list(data.eval_pipeline(source, 2, zero_stats(mean)))
+    assert [b[0].shape for b in batches] == [(2, 227, 227, 3)] * 2 + [(1, 227, 227, 3)]
+    images = np.concatenate([b[0] for b in batches])
+    np.testing.assert_allclose(images, (raw - mean)[:, 14:241, 14:241], atol=1e-4)
+    ten = np.concatenate([b[0] for b in data.eval_pipeline(source, 3, zero_stats(mean), ten_crop=True)])
+    assert ten.shape == (5, 10, 227, 227, 3) and ten.dtype == np.float32
+    np.testing.assert_allclose(ten[4, 2], (raw[4] - mean)[:227, 29:], atol=1e-4)
+    np.testing.assert_allclose(ten[4, 7], (raw[4] - mean)[:227, 29:][:, ::-1], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sources
+
+def test_folder_source_skips_and_counts_corrupt_files(image_folder):
+    root, good, corrupt = image_folder
+    train = data.load_source(str(root), "train", val_fraction=0.0)
+    assert train.class_names == ["ant", "bee", "cat"] and train.num_examples == good + corrupt
+    assert train.skipped() == 0
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in train.images])
+    assert len(images) == good and train.skipped() == corrupt
+    assert all(x.shape == (256, 256, 3) and x.dtype == np.uint8 for x in images)
+    assert sorted(np.bincount(labels)) == [4, 4, 4]
+    list(train.images)  # A second pass does not count the same files again.
+    assert train.skipped() == corrupt
+    grey = [x for x, y in zip(images, labels) if y == 2 and np.array_equal(x[..., 0], x[..., 1])]
+    assert grey and np.array_equal(grey[0][..., 0], grey[0][..., 2])  # cat/img1: a greyscale JPEG.
+
+
+def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
+    root, good, _ = image_folder
+    digests = lambda split, seed: {x.tobytes() for x, _ in data.load_source(
+        str(root), split, val_fraction=0.5, seed=seed).images.as_numpy_iterator()}
+    train, val = digests("train", 0), digests("val", 0)
+    assert len(train) + len(val) == good and train.isdisjoint(val) and min(len(train), len(val)) > 0
+    assert digests("validation", 7) == val  # The seed orders the files; it does not move them.
+    for split in ["train", "val"]:  # Explicit train/ and val/ folders are used as they are.
+        (tmp_path / split / "only").mkdir(parents=True)
+        (tmp_path / split / "only" / "a.png").write_bytes(encode(np.zeros((30, 30, 3), np.uint8)))
+    assert data.load_source(str(tmp_path), "validation").num_examples == 1
+    assert data.load_source(str(tmp_path), "train").class_names == ["only"]
+
+
+def test_clear_errors(tmp_path, image_folder):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "noimages" / "cls").mkdir(parents=True)
+    cases = [(str(tmp_path / "empty"), "train", "empty"), (str(tmp_path / "flat"), "train", "no class subfolders"),
+             (str(tmp_path / "noimages"), "train", "no image files"),
+             (str(tmp_path / "missing"), "train", "missing"),
+             ("no_such_dataset_xyz", "train", "no_such_dataset_xyz"),
+             (str(image_folder[0]), "test", "test"), ("synthetic", "test", "test")]
+    for dataset, split, words in cases:
+        with pytest.raises(data.DataError, match=words.split()[-1]) as error:
+            data.load_source(dataset, split)
+        assert "\n" not in str(error.value) and (words in str(error.value) or dataset in str(error.value))
+
+
+def test_synthetic_is_deterministic_balanced_and_varied():
+    assert synthetic.SIZES == {"train": 2560, "validation": 512}
+    source = data.load_source("synthetic", "train")
+    assert source.num_examples == 2560 and len(source.class_names) == 10 and source.skipped() == 0
+    first = list(source.images.take(20).as_numpy_iterator())
+    again = list(data.load_source("synthetic", "train").images.take(20).as_numpy_iterator())
+    val = list(data.load_source("synthetic", "val").images.take(20).as_numpy_iterator())
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again))
+    assert not any(np.array_equal(a[0], b[0]) for a, b in zip(first, val))
+    assert [y for _, y in first] == list(range(10)) * 2
+    for image, _ in first:
+        assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and image.std() > 10
+    # Same class, different instance: colours and positions differ.
+    assert np.abs(first[0][0].astype(int) - first[10][0]).mean() > 20
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared Imagenette JPEGs not found at {SHARED}")
+def test_real_jpegs_from_the_shared_folder():
+    train, val = data.load_source(str(SHARED), "train"), data.load_source(str(SHARED), "validation")
+    assert (train.num_examples, val.num_examples) == (3000, 1000)
+    assert train.class_names == sorted(p.name for p in (SHARED / "train").iterdir()) and len(train.class_names) == 10
+    batch, labels = next(iter(data.eval_pipeline(val, 50, data.Stats.imagenet())))
+    assert batch.shape == (50, 227, 227, 3) and -140 < float(tf.reduce_mean(batch)) < 140
+    assert float(tf.math.reduce_std(batch)) > 20 and labels.dtype == tf.int32
+    greyscale = sorted((SHARED / "train").rglob("*.JPEG"), key=lambda p: Image.open(p).mode != "L")[0]
+    assert Image.open(greyscale).mode == "L"
+    image = data.decode_and_resize(tf.io.read_file(str(greyscale))).numpy()
+    assert image.shape == (256, 256, 3) and np.array_equal(image[..., 0], image[..., 2])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_stats_match_numpy(image_folder):
+    source = data.load_source(str(image_folder[0]), "train", val_fraction=0.0)
+    images = np.stack([x for x, _ in source.images.as_numpy_iterator()]).astype(np.float64)
+    stats = stats_cli.compute_stats(source.images, source.num_examples, batch_size=5)
+    np.testing.assert_allclose(stats.mean_image, images.mean(0), rtol=1e-5, atol=1e-3)
+    pixels = images.reshape(-1, 3) / 255
+    np.testing.assert_allclose(stats.channel_mean, pixels.mean(0) * 255, rtol=1e-5)
+    covariance = np.cov(pixels, rowvar=False, bias=True)
+    np.testing.assert_allclose(stats.eigenvalues, np.linalg.eigvalsh(covariance)[::-1], rtol=1e-4)
+    vectors = stats.eigenvectors.astype(np.float64)
+    np.testing.assert_allclose(vectors @ np.diag(stats.eigenvalues) @ vectors.T, covariance, atol=1e-6)
+
+
+def test_stats_cli(tmp_path, image_folder):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "keras_alexnet.stats", *args], cwd=REPO,
+                                       capture_output=True, text=True, timeout=120)
+    done = run(f"--dataset={image_folder[0]}", f"--output={tmp_path / 'out.npz'}", "--max_images=6")
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = data.Stats.load(str(tmp_path / "out.npz"))
+    assert stats.mean_image.shape == (256, 256, 3) and np.all(stats.eigenvalues[:-1] >= stats.eigenvalues[1:])
+    failed = run(f"--dataset={tmp_path / 'nowhere'}", f"--output={tmp_path / 'x.npz'}")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert f"error: dataset folder {tmp_path / 'nowhere'} does not exist" in failed.stderr
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+def test_tfds_download_reaches_the_network(tmp_path, monkeypatch):
+    """download_and_prepare gets as far as opening the URL (e.g. no ModuleNotFoundError for
+    importlib_resources on the way); the network call itself is replaced, so the test is offline."""
+    import requests
+    from tensorflow_datasets.core.download import downloader
+    urls = []
+
+    def offline(url, **kwargs):
+        urls.append(url)
+        raise requests.exceptions.ConnectionError(f"offline test: {url}")
+
+    monkeypatch.setattr(downloader, "_open_url", offline)
+    builder = tfds.builder("tf_flowers", data_dir=str(tmp_path))
+    with pytest.raises(requests.exceptions.ConnectionError, match="offline test"):
+        builder.download_and_prepare()
+    assert urls and urls[0].endswith("flower_photos.tgz")
+    with pytest.raises(data.DataError, match="'tf_flowers' is not prepared.*tfds build tf_flowers"):
+        data.load_source("tf_flowers", "train", data_dir=str(tmp_path / "unprepared"))
+
+
+class AlexnetTestImages(tfds.core.GeneratorBasedBuilder):
+    """A tiny TFDS dataset, prepared offline: 20 flat images, dark (label 0) or light (label 1)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                               "label": tfds.features.ClassLabel(names=["dark", "light"])})
+        return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(20):
+            yield i, {"image": np.full((40 + i, 60, 3), 220 if i % 2 else 30, np.uint8), "label": i % 2}
+
+
+def test_tfds_source_decodes_and_holds_out_validation(tmp_path):
+    tfds.builder("alexnet_test_images", data_dir=str(tmp_path)).download_and_prepare()
+    train, val = (data.load_source("alexnet_test_images", split, data_dir=str(tmp_path)) for split in ["train", "val"])
+    assert train.class_names == ["dark", "light"] and (train.num_examples, val.num_examples) == (18, 2)
+    for source in (train, val):
+        for image, label in source.images.as_numpy_iterator():
+            assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and label.dtype == np.int32
+            assert np.all(image == (220 if label else 30))
+    assert data.load_source("alexnet_test_images", "train[:50%]", data_dir=str(tmp_path)).num_examples == 10
+    with pytest.raises(data.DataError, match="'alexnet_test_images' has no split 'test'"):
+        data.load_source("alexnet_test_images", "test", data_dir=str(tmp_path))

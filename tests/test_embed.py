@@ -1,0 +1,289 @@
+"""fc7 embeddings, nearest neighbours and conv1 filters (section 6.1, Figures 3 and 4): real files out."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_alexnet import checkpoint, data, embed, filters, neighbors
+from keras_alexnet.export import export_saved_model
+from keras_alexnet.model import build_alexnet
+
+PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skimage_photos"
+CLASSES = ("circles", "stripes", "noise")
+TENSORBOARD = Path(sys.executable).with_name("tensorboard")
+
+
+def build_model():
+    # Glorot weights: under the paper's N(0, 0.01) an untrained net's fc7 varies ~1% between images.
+    return build_alexnet(10, seed=0, init="glorot")
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    return export_saved_model(build_model(), [f"class{i}" for i in range(10)], data.Stats.imagenet(),
+                              str(tmp_path_factory.mktemp("export")), 1)
+
+
+def draw(kind, seed, size):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size[1], :size[0]]
+    colour = rng.integers(0, 256, 3)
+    if kind == "circles":
+        mask = np.sin(np.hypot(x - size[0] / 2, y - size[1] / 2) / (4 + seed)) > 0
+    elif kind == "stripes":
+        mask = (x // (6 + seed)) % 2 == 0
+    else:
+        mask = rng.random((size[1], size[0])) > 0.5
+    return np.where(mask[..., None], colour, 255 - colour).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """12 images in 3 class folders, JPEG and PNG of several sizes, and one file that is no image."""
+    root = tmp_path_factory.mktemp("images")
+    for c, kind in enumerate(CLASSES):
+        (root / kind).mkdir()
+        for i in range(4):
+            image = Image.fromarray(draw(kind, 4 * c + i, (300 + 20 * i, 240 + 30 * c)))
+            image.save(root / kind / f"{kind}{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "noise" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "noise" / "notes.txt").write_text("not an image either, and not listed")
+    return root
+
+
+@pytest.fixture(scope="session")
+def embedded(saved_model, image_folder, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("embeddings")
+    rows, skipped = embed.run(saved_model, str(logdir), images=str(image_folder), batch_size=5)
+    return logdir, rows, skipped
+
+
+def read_metadata(logdir):
+    lines = (logdir / embed.METADATA).read_text().splitlines()
+    return lines[0], [line.split("\t") for line in lines[1:]]
+
+
+def checkpointed_fc7(logdir):
+    return tf.train.load_checkpoint(tf.train.latest_checkpoint(str(logdir))).get_tensor(embed.TENSOR_NAME)
+
+
+def test_embed_writes_aligned_rows_metadata_and_sprite(embedded, image_folder, saved_model):
+    logdir, rows, skipped = embedded
+    assert (rows, skipped) == (12, 1)
+    header, metadata = read_metadata(logdir)
+    assert header == "file\tlabel"
+    files = sorted(f"{k}/{p.name}" for k in CLASSES for p in (image_folder / k).iterdir()
+                   if p.suffix != ".txt" and p.name != "broken.jpg")
+    assert [m[0] for m in metadata] == files
+    assert [m[1] for m in metadata] == [f.split("/")[0] for f in files]
+    fc7 = checkpointed_fc7(logdir)
+    assert fc7.shape == (12, 4096) and fc7.dtype == np.float32
+    # Row i is file i: the export's own decode path (features_images) gives the same vectors.
+    encoded = tf.constant([(image_folder / f).read_bytes() for f in files])
+    direct = tf.saved_model.load(saved_model).signatures["features_images"](image_bytes=encoded)["fc7"]
+    np.testing.assert_allclose(fc7, direct.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(fc7[0] - fc7[-1]) > 1e-3  # Different images, different vectors.
+    assert Image.open(logdir / embed.SPRITE).size == (4 * 64, 4 * 64)  # ceil(sqrt(12)) = 4 a side.
+    config = (logdir / "projector_config.pbtxt").read_text()
+    assert embed.TENSOR_NAME in config and "single_image_dim: 64" in config
+    assert not [p for p in os.listdir(logdir) if p.endswith(".raw")]
+
+
+def test_sprite_thumbnails_shrink_to_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(embed, "MAX_SPRITE", 256)
+    thumbs = np.zeros((30, embed.THUMB, embed.THUMB, 3), np.uint8)
+    thumbs[7] = 200
+    side = embed.write_sprite(tmp_path / "s.png", thumbs)
+    assert side == 256 // 6  # ceil(sqrt(30)) = 6 tiles a side.
+    sprite = np.asarray(Image.open(tmp_path / "s.png"))
+    assert sprite.shape == (6 * side, 6 * side, 3)
+    assert (sprite[side:2 * side, side:2 * side] == 200).all() and sprite[:side].max() == 0
+
+
+def test_embed_max_images_takes_the_first_in_sorted_order(saved_model, image_folder, tmp_path):
+    rows, skipped = embed.run(saved_model, str(tmp_path), images=str(image_folder), max_images=5)
+    assert (rows, skipped) == (5, 1)  # noise/broken.jpg sorts before noise0.jpg.
+    _, metadata = read_metadata(tmp_path)
+    assert [m[0] for m in metadata] == ["circles/circles0.jpg", "circles/circles1.png", "circles/circles2.jpg",
+                                        "circles/circles3.png", "noise/noise0.jpg"]
+    assert checkpointed_fc7(tmp_path).shape == (5, 4096)
+    assert Image.open(tmp_path / embed.SPRITE).size == (3 * 64, 3 * 64)
+
+
+def test_embed_a_dataset_split(saved_model, tmp_path):
+    rows, _ = embed.run(saved_model, str(tmp_path), dataset="synthetic", split="validation", max_images=3)
+    _, metadata = read_metadata(tmp_path)
+    assert rows == 3 and [m[0] for m in metadata] == ["validation/000000", "validation/000001",
+                                                       "validation/000002"]
+    assert checkpointed_fc7(tmp_path).shape == (3, 4096)
+
+
+def test_embed_real_photos_flat_folder(saved_model, tmp_path):
+    if not PHOTOS.is_dir():
+        pytest.skip(f"no real photos at {PHOTOS}")
+    photos = sorted(p.name for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
+    rows, skipped = embed.run(saved_model, str(tmp_path), images=str(PHOTOS))
+    _, metadata = read_metadata(tmp_path)
+    assert (rows, skipped) == (len(photos), 0)
+    assert metadata == [[p, "skimage_photos"] for p in photos]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"images": "/no/such/folder"}, "is not a directory"),
+    ({}, "exactly one of --images and --dataset"),
+    ({"images": ".", "max_images": 0}, "--max_images must be positive"),
+])
+def test_embed_bad_input(saved_model, tmp_path, kwargs, message):
+    with pytest.raises(embed.ERRORS, match=message):
+        embed.run(saved_model, str(tmp_path), **kwargs)
+
+
+def test_neighbours_from_an_embed_logdir(embedded, saved_model, image_folder, tmp_path):
+    logdir, _, _ = embedded
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("circles/circles1.png", "stripes/stripes2.jpg", "noise/noise3.png"):
+        (queries / name.replace("/", "_")).write_bytes((image_folder / name).read_bytes())
+    png, tsv = neighbors.run(saved_model, str(logdir), str(queries), k=4, output_dir=str(tmp_path / "out"))
+    lines = Path(tsv).read_text().splitlines()
+    assert lines[0] == "query\trank\tfile\tlabel\tdistance" and len(lines) == 1 + 3 * 4
+    table = [line.split("\t") for line in lines[1:]]
+    for query, first in zip(sorted(os.listdir(queries)), table[::4]):
+        assert first[0] == query and first[1] == "1"
+        assert first[2] == query.replace("_", "/", 1) and first[3] == query.split("_")[0]
+        assert float(first[4]) < 1e-3  # Its own fc7 row, found without recomputing the index.
+    for start in range(0, 12, 4):
+        distances = [float(row[4]) for row in table[start:start + 4]]
+        assert distances == sorted(distances) and distances[1] > 1e-2
+    assert Image.open(png).size == (5 * 64 + 4 * neighbors.GAP, 3 * 64 + 2 * neighbors.GAP)
+
+
+def test_neighbours_from_an_image_folder_match_the_logdir(embedded, saved_model, image_folder, tmp_path):
+    logdir, _, _ = embedded
+    fc7 = checkpointed_fc7(logdir)
+    queries = image_folder / "stripes"
+    png, tsv = neighbors.run(saved_model, str(image_folder), str(queries), k=12, output_dir=str(tmp_path))
+    table = [line.split("\t") for line in Path(tsv).read_text().splitlines()[1:]]
+    assert len(table) == 4 * 12
+    _, metadata = read_metadata(logdir)
+    row_of = {m[0]: i for i, m in enumerate(metadata)}
+    query = fc7[row_of["stripes/stripes0.jpg"]]
+    expected = sorted(np.linalg.norm(fc7 - query, axis=1))
+    np.testing.assert_allclose([float(r[4]) for r in table[:12]], expected, rtol=1e-3, atol=1e-3)
+    assert table[0][2] == "stripes/stripes0.jpg"
+    assert Image.open(png).size == (13 * 64 + 12 * neighbors.GAP, 4 * 64 + 3 * neighbors.GAP)
+
+
+def test_nearest_is_exact_euclidean():
+    index = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]], np.float32)
+    rows, distances = neighbors.nearest(np.array([[3.0, 4.0], [0.2, 0.0]]), index, 2)
+    assert rows.tolist() == [[1, 2], [0, 2]]
+    np.testing.assert_allclose(distances, [[0, math.sqrt(20)], [0.2, 0.8]], atol=1e-12)
+
+
+def write_run(model_dir, model):
+    checkpoint.write_run_files(str(model_dir), {"model": {"num_classes": 10, "seed": 0, "init": "glorot"}},
+                               [f"class{i}" for i in range(10)], data.Stats.imagenet())
+    tf.train.Checkpoint(model=model, step=tf.Variable(7, dtype=tf.int64)).save(
+        str(model_dir / checkpoint.CHECKPOINTS / "ckpt"))
+
+
+def test_filters_grid_puts_tower_b_below(tmp_path):
+    model = build_model()
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.normal(size=(11, 11, 1, 48)), 3, axis=2)  # Colour-agnostic: R = G = B.
+    red = np.zeros((11, 11, 3, 48))
+    red[:, :, 0, :] = np.linspace(0, 1, 11)[None, :, None]  # Pure red, brightening left to right.
+    model.get_layer("conv1_a").layer.kernel.assign(grey)
+    model.get_layer("conv1_b").layer.kernel.assign(red)
+    write_run(tmp_path / "run", model)
+    saturations = filters.run(str(tmp_path / "filters.png"), model_dir=str(tmp_path / "run"))
+    assert saturations["A"] == pytest.approx(0, abs=1e-6)
+    assert saturations["B"] == pytest.approx(0.5)
+    grid = np.asarray(Image.open(tmp_path / "filters.png"))
+    side = 11 * 4 + 1
+    assert grid.shape == (6 * side - 1, 16 * side - 1, 3)  # 3 rows of 16 a tower.
+    top, bottom = grid[:3 * side - 1], grid[3 * side:]
+    tiles = [bottom[r * side:r * side + 44, c * side:c * side + 44] for r in range(3) for c in range(16)]
+    ramp = np.repeat(np.round(np.linspace(0, 255, 11)), 4)
+    for tile in tiles:
+        assert (tile[..., 1:] == 0).all()
+        np.testing.assert_allclose(tile[0, :, 0], ramp, atol=1)  # float32 kernel, rounded to 8 bits.
+    assert (top[..., 0] == top[..., 1]).all() and (top[..., 1] == top[..., 2]).all()
+    assert (grid[3 * side - 1] == 255).all() and (grid[:, side - 1] == 255).all()  # Gap pixels.
+
+
+def test_filters_from_a_saved_model(saved_model, tmp_path):
+    saturations = filters.run(str(tmp_path / "f.png"), saved_model=saved_model, columns=8, scale=2)
+    expected = filters.kernels_from_model(build_model())
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), filters.kernel_grid(expected, 8, 2))
+    assert saturations == {"A": pytest.approx(filters.saturation(expected[0])),
+                           "B": pytest.approx(filters.saturation(expected[1]))}
+    with pytest.raises(ValueError, match="exactly one of --model_dir and --saved_model"):
+        filters.run(str(tmp_path / "f.png"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+@pytest.mark.skipif(not TENSORBOARD.exists(), reason="no tensorboard executable beside python")
+def test_tensorboard_serves_the_projector(embedded):
+    logdir, _, _ = embedded
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/data/plugin/projector"
+    server = subprocess.Popen([str(TENSORBOARD), "--logdir", str(logdir), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                runs = json.loads(get(f"{base}/runs"))
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "tensorboard did not answer within 90 s"
+                time.sleep(1)
+        assert runs == ["."]
+        info = json.loads(get(f"{base}/info?run=."))
+        [embedding] = [e for e in info["embeddings"] if e["tensorName"] == embed.TENSOR_NAME]
+        assert [int(d) for d in embedding["tensorShape"]] == [12, 4096]
+        assert [int(d) for d in embedding["sprite"]["singleImageDim"]] == [64, 64]
+        name = urllib.parse.quote(embed.TENSOR_NAME)
+        tensor = np.frombuffer(get(f"{base}/tensor?run=.&name={name}"), np.float32).reshape(12, 4096)
+        np.testing.assert_array_equal(tensor, checkpointed_fc7(logdir))
+        metadata = get(f"{base}/metadata?run=.&name={name}").decode().splitlines()
+        assert metadata == (logdir / embed.METADATA).read_text().splitlines()
+        sprite = get(f"{base}/sprite_image?run=.&name={name}")
+        assert sprite == (logdir / embed.SPRITE).read_bytes()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "keras_alexnet.neighbors", "--saved_model", str(tmp_path),
+                             "--index", str(tmp_path), "--queries", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")

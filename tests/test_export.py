@@ -1,0 +1,276 @@
+"""SavedModel export: TF Serving layout, signatures, saved_model_cli, self-containment, size, errors."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_alexnet import checkpoint, data, export
+from keras_alexnet.model import build_alexnet, feature_model
+
+PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skimage_photos"
+SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
+CLASSES = [f"class {i}" for i in range(10)]
+MODEL = {"num_classes": 10, "seed": 3, "init": "glorot"}  # Glorot: distinct outputs per image.
+STEP = 7
+
+
+def relative_difference(actual, expected):
+    return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def stats():
+    """ImageNet figures with a mean image that varies in space, so that a wrong crop of it shows."""
+    ramp = np.linspace(-20, 20, 256, dtype=np.float32)
+    imagenet = data.Stats.imagenet()
+    return dataclasses.replace(imagenet, mean_image=imagenet.mean_image + ramp[:, None, None] - ramp[None, :, None])
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, stats):
+    """A training run directory at step 7, as train.py leaves it."""
+    model_dir = tmp_path_factory.mktemp("run")
+    model = build_alexnet(**MODEL)
+    checkpoint.write_run_files(str(model_dir), {"model": MODEL}, CLASSES, stats)
+    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(STEP, dtype=tf.int64))
+    tf.train.CheckpointManager(ckpt, str(model_dir / checkpoint.CHECKPOINTS), max_to_keep=3).save()
+    return model_dir, model
+
+
+@pytest.fixture(scope="session")
+def exported(run_dir, tmp_path_factory):
+    """The one export of the session, through the command line."""
+    model_dir, _ = run_dir
+    export_dir = tmp_path_factory.mktemp("export") / "alexnet"
+    result = run_cli("-m", "keras_alexnet.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to {export_dir / str(STEP)}" in result.stdout
+    return export_dir / str(STEP)
+
+
+@pytest.fixture(scope="session")
+def keras_model(run_dir):
+    return run_dir[1]
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory):
+    """A JPEG and a greyscale PNG of our own, not square, so that resizing and cropping matter."""
+    folder = tmp_path_factory.mktemp("images")
+    y, x = np.mgrid[:240, :320]
+    rgb = np.stack([x % 256, y % 256, (x * y) % 256], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "pattern.jpg", quality=90)
+    Image.fromarray(((x + 2 * y) % 256).astype(np.uint8)[:300, :200]).save(folder / "grey.png")
+    return [str(folder / "pattern.jpg"), str(folder / "grey.png")]
+
+
+@pytest.fixture(scope="session")
+def photos():
+    files = sorted(str(p) for p in PHOTOS.glob("*") if p.suffix in (".png", ".jpg"))
+    if not files:
+        pytest.skip(f"no real photos at {PHOTOS} (the shared skimage_photos data set)")
+    return files
+
+
+def mean_crop(stats):
+    return data.center_crop(tf.constant(stats.mean_image)).numpy()
+
+
+def keras_outputs(model, stats, files):
+    """What the Keras model gives for the centre crops of `files`: (probabilities, fc7)."""
+    crops = np.stack([data.center_crop(data.decode_and_resize(Path(f).read_bytes())) for f in files])
+    inputs = crops.astype(np.float32) - mean_crop(stats)
+    return model(inputs, training=False).numpy(), feature_model(model)(inputs, training=False).numpy()
+
+
+def test_export_has_tf_serving_layout_with_labels_asset(exported):
+    assert sorted(os.listdir(exported.parent)) == [str(STEP)]  # No staging directory left behind.
+    assert {"saved_model.pb", "variables", "assets"} <= set(os.listdir(exported))
+    assert checkpoint.read_labels(str(exported / "assets" / checkpoint.LABELS)) == CLASSES
+
+
+def test_weights_are_stored_once(exported, keras_model):
+    stored = sum(f.stat().st_size for f in (exported / "variables").iterdir())
+    mean_image = 227 * 227 * 3 * 4
+    assert 4 * keras_model.count_params() < stored <= 1.02 * 4 * keras_model.count_params() + mean_image + 2**16
+
+
+def test_saved_model_cli_show_lists_every_signature(exported):
+    result = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", str(exported), "--all"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    blocks = dict(re.findall(r"signature_def\['(\w+)'\]:\n(.*?)Method name", result.stdout, re.S))
+    assert set(export.SIGNATURES) <= set(blocks)
+    for name in export.SIGNATURES:
+        kind = "image_bytes" if name.endswith("_images") else "images"
+        assert re.search(rf"inputs\['{kind}'\].*?dtype: DT_{'STRING' if kind == 'image_bytes' else 'FLOAT'}",
+                         blocks[name], re.S)
+        expected = ({"fc7": ("FLOAT", "(-1, 4096)")} if name.startswith("features") else
+                    {"probabilities": ("FLOAT", "(-1, 10)"), "top5_classes": ("INT32", "(-1, 5)"),
+                     "top5_labels": ("STRING", "(-1, 5)")})
+        outputs = {key: (dtype, shape) for key, dtype, shape in re.findall(
+            r"outputs\['(\w+)'\] tensor_info:\n\s+dtype: DT_(\w+)\n\s+shape: (.*)", blocks[name])}
+        assert outputs == expected, (name, blocks[name])
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "features", "predict_images"])
+def test_saved_model_cli_run_matches_keras(signature, exported, keras_model, stats, image_files, tmp_path):
+    x = tmp_path / "x.npy"
+    export.make_npy(image_files, str(x), encoded=signature == "predict_images")
+    key = "image_bytes" if signature == "predict_images" else "images"
+    result = subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(exported), "--tag_set", "serve",
+                             "--signature_def", signature, "--inputs", f"{key}={x}", "--outdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probabilities, fc7 = keras_outputs(keras_model, stats, image_files)
+    if signature == "features":
+        assert relative_difference(np.load(tmp_path / "fc7.npy"), fc7) < 1e-5
+        return
+    assert relative_difference(np.load(tmp_path / "probabilities.npy"), probabilities) < 1e-5
+    top5 = np.argsort(-probabilities, axis=1)[:, :5]
+    np.testing.assert_array_equal(np.load(tmp_path / "top5_classes.npy"), top5)
+    labels = np.load(tmp_path / "top5_labels.npy", allow_pickle=True)
+    assert [[label.decode() for label in row] for row in labels] == [[CLASSES[i] for i in row] for row in top5]
+    assert "Result for output key top5_labels" in result.stdout
+
+
+LOADER = """
+import sys
+sys.modules["keras_alexnet"] = None  # Installed editable: block it, the SavedModel must not need it.
+import numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+pixels, encoded = np.load(sys.argv[2]), np.load(sys.argv[3], allow_pickle=True)
+outputs = {}
+for name in model.signatures:
+    inputs = {"image_bytes": tf.constant(list(encoded))} if name.endswith("_images") else {"images": pixels}
+    outputs.update({f"{name}/{k}": v.numpy() for k, v in model.signatures[name](**inputs).items()})
+np.savez(sys.argv[4], **outputs)
+"""
+
+
+def test_loads_and_matches_keras_without_keras_alexnet(exported, keras_model, stats, image_files, photos, tmp_path):
+    files = image_files + photos
+    export.make_npy(files, str(tmp_path / "pixels.npy"))
+    export.make_npy(files, str(tmp_path / "encoded.npy"), encoded=True)
+    result = run_cli("-c", LOADER, str(exported), str(tmp_path / "pixels.npy"), str(tmp_path / "encoded.npy"),
+                     str(tmp_path / "out.npz"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "custom gradient" not in result.stderr.lower()
+    outputs = np.load(tmp_path / "out.npz")
+    probabilities, fc7 = keras_outputs(keras_model, stats, files)
+    for source in ("serving_default", "predict_images"):
+        assert relative_difference(outputs[f"{source}/probabilities"], probabilities) < 1e-5
+        assert outputs[f"{source}/top5_classes"].dtype == np.int32
+    for source in ("features", "features_images"):
+        assert relative_difference(outputs[f"{source}/fc7"], fc7) < 1e-5
+        assert fc7.min() >= 0  # Post-ReLU.
+
+
+@pytest.fixture(scope="session")
+def loaded(exported):
+    return tf.saved_model.load(str(exported)).signatures
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((227, 227, 3), r"images must be float32 \[N, 227, 227, 3\].*\[227 227 3\]"),
+    ((1, 224, 224, 3), r"images must be float32 \[N, 227, 227, 3\].*\[1 224 224 3\]"),
+    ((2, 227, 227, 4), r"images must be float32 \[N, 227, 227, 3\].*\[2 227 227 4\]"),
+])
+def test_bad_images_say_what_is_expected(loaded, shape, expected):
+    for name in ("serving_default", "features"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
+            loaded[name](images=tf.zeros(shape))
+
+
+def test_bad_image_bytes_say_what_is_expected(loaded, image_files):
+    encoded = Path(image_files[0]).read_bytes()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes must be a string vector \[N\]"):
+        loaded["predict_images"](image_bytes=tf.constant(encoded))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format. One of JPEG"):
+        loaded["features_images"](image_bytes=tf.constant([encoded, b"not an image"]))
+
+
+def test_empty_batch_gives_empty_outputs(loaded):
+    shapes = {"probabilities": (0, 10), "top5_classes": (0, 5), "top5_labels": (0, 5), "fc7": (0, 4096)}
+    for name in export.SIGNATURES:
+        inputs = ({"image_bytes": tf.constant([], tf.string)} if name.endswith("_images")
+                  else {"images": tf.zeros((0, 227, 227, 3))})
+        outputs = loaded[name](**inputs)
+        assert {k: tuple(v.shape) for k, v in outputs.items()} == {k: shapes[k] for k in outputs}
+
+
+def test_ten_crop_averages_the_ten_views(keras_model, stats, image_files):
+    module = export.serving_module(keras_model, CLASSES, stats, ten_crop=True)
+    encoded = tf.constant([Path(f).read_bytes() for f in image_files])
+    views = tf.concat([data.ten_crop(data.decode_and_resize(e)) for e in encoded], 0)
+    inputs = tf.cast(views, tf.float32) - mean_crop(stats)
+    expected = keras_model(inputs, training=False).numpy().reshape(len(image_files), 10, -1).mean(1)
+    assert relative_difference(module.predict_images(image_bytes=encoded)["probabilities"].numpy(), expected) < 1e-5
+    fc7 = feature_model(keras_model)(inputs, training=False).numpy().reshape(len(image_files), 10, -1).mean(1)
+    assert relative_difference(module.features_images(image_bytes=encoded)["fc7"].numpy(), fc7) < 1e-5
+
+
+def test_fewer_than_five_classes_give_that_many_top_classes(stats):
+    module = export.serving_module(build_alexnet(3, seed=0, init="glorot"), ["a", "b", "c"], stats)
+    outputs = module.serving_default(images=tf.fill((2, 227, 227, 3), 128.0))
+    assert outputs["top5_classes"].shape == (2, 3) and outputs["top5_labels"].shape == (2, 3)
+    with pytest.raises(ValueError, match="2 class names for a model of 3 classes"):
+        export.serving_module(build_alexnet(3, seed=0), ["a", "b"], stats)
+
+
+def test_export_function_writes_and_replaces_a_version(keras_model, stats, tmp_path):
+    path = export.export_saved_model(keras_model, CLASSES, stats, str(tmp_path), 3)
+    assert path == str(tmp_path / "3")
+    (tmp_path / "3" / "stale").write_text("from an older export")
+    assert export.export_saved_model(keras_model, CLASSES, stats, str(tmp_path), 3) == path
+    assert sorted(os.listdir(tmp_path)) == ["3"] and not (tmp_path / "3" / "stale").exists()
+
+
+def test_make_npy_command_line(image_files, tmp_path):
+    out = tmp_path / "jpegs.npy"
+    result = run_cli("-m", "keras_alexnet.export", "--make_npy", "--bytes", f"--out={out}", *image_files)
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoded = np.load(out, allow_pickle=True)
+    assert encoded.dtype == object and list(encoded) == [Path(f).read_bytes() for f in image_files]
+    export.make_npy(image_files, str(tmp_path / "x.npy"))
+    pixels = np.load(tmp_path / "x.npy")
+    assert pixels.dtype == np.float32 and pixels.shape == (2, 227, 227, 3)
+
+
+@pytest.mark.parametrize("case", ["missing run", "no checkpoint", "missing image", "not an image"])
+def test_bad_command_line_input_fails_in_one_line(case, tmp_path, stats):
+    if case == "missing run":
+        args = [f"--model_dir={tmp_path / 'nowhere'}", f"--export_dir={tmp_path / 'export'}"]
+    elif case == "no checkpoint":
+        checkpoint.write_run_files(str(tmp_path / "run"), {"model": MODEL}, CLASSES, stats)
+        args = [f"--model_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'export'}"]
+    else:
+        (tmp_path / "notes.jpg").write_text("not an image")
+        image = tmp_path / ("missing.jpg" if case == "missing image" else "notes.jpg")
+        args = ["--make_npy", "--bytes", f"--out={tmp_path / 'x.npy'}", str(image)]
+    result = run_cli("-m", "keras_alexnet.export", *args)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert {"missing run": "not a training run", "no checkpoint": "has no checkpoint",
+            "missing image": "no such image", "not an image": "notes.jpg is not a JPEG"}[case] in lines[0]
+
+
+def test_saved_model_cli_run_rejects_a_wrong_size(exported, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 224, 224, 3), np.float32))
+    result = subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(exported), "--tag_set", "serve",
+                             "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape] [1 224 224 3]" in result.stderr

@@ -1,0 +1,181 @@
+"""The training loop: section 5's update rule, op placement, resume, signals, multi-worker, errors."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_alexnet import train
+from keras_alexnet.model import build_alexnet
+
+# Small, fast runs: tiny batches, few steps, a capped validation pass.
+FAST = ["--dataset=synthetic", "--batch_size=8", "--steps_per_epoch=4", "--eval_steps=2",
+        "--init=caffe", "--cpu_devices=2"]
+
+
+def run_trainer(model_dir, *args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "keras_alexnet.train", *FAST, f"--model_dir={model_dir}", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def digest(output):
+    match = re.search(r"final weights digest (\w+) at step (\d+)", output)
+    assert match, output[-3000:]
+    return match.group(1), int(match.group(2))
+
+
+@pytest.fixture(scope="module")
+def replica_plan(logical_cpus):
+    cpu0, cpu1, cpu2, cpu3 = logical_cpus
+    return tf.distribute.MirroredStrategy([cpu0, cpu1]), {cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}
+
+
+@pytest.fixture(scope="module")
+def step_setup(replica_plan):
+    strategy, plan = replica_plan
+    # A large weight decay, so that its term is as big as the gradient's and a missing one shows.
+    config = train.Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9, weight_decay=0.5)
+    with strategy.scope():
+        model = build_alexnet(10, tower_devices=plan, dropout_rate=0.0, init="caffe", seed=3)
+        optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
+        optimizer.build(model.trainable_variables)
+    return strategy, model, optimizer, config, train.make_train_step(strategy, model, optimizer, config)
+
+
+def test_two_steps_follow_the_papers_update_rule(step_setup):
+    """v <- 0.9 v - 0.0005 eps w - eps dL/dw; w <- w + v, with dL/dw of the global-batch mean loss."""
+    strategy, model, optimizer, config, step = step_setup
+    reference = build_alexnet(10, dropout_rate=0.0, init="caffe", seed=99)
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 60, (4, 227, 227, 3)).astype("float32")
+    labels = np.array([0, 3, 5, 9], "int32")
+    w = [v.numpy() for v in model.trainable_variables]
+    velocity = [np.zeros_like(x) for x in w]
+    for _ in range(2):
+        reference.set_weights(w)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, reference(images)))
+        grads = tape.gradient(loss, reference.trainable_variables)
+        decay = [0.0 if "bias" in v.path else config.weight_decay for v in reference.trainable_variables]
+        velocity = [config.momentum * v - d * config.learning_rate * x - config.learning_rate * g.numpy()
+                    for v, x, g, d in zip(velocity, w, grads, decay)]
+        expected = [x + v for x, v in zip(w, velocity)]
+        batch = next(iter(strategy.experimental_distribute_dataset(  # Two images per replica.
+            tf.data.Dataset.from_tensors((images, labels)))))
+        step(*batch)
+        w = [v.numpy() for v in model.trainable_variables]
+        for got, want, before, v in zip(w, expected, [x - v for x, v in zip(expected, velocity)],
+                                        model.trainable_variables):
+            update, want_update = got - before, want - before
+            scale = np.abs(want_update).max()
+            assert scale > 0, v.path
+            np.testing.assert_allclose(update, want_update, atol=1e-2 * scale, err_msg=v.path)
+
+
+def test_each_towers_backward_pass_runs_on_its_own_device(step_setup, replica_plan, logical_cpus):
+    _, _, _, _, step = step_setup
+    graph = step.get_concrete_function(tf.TensorSpec([4, 227, 227, 3]), tf.TensorSpec([4], tf.int32)).graph
+    backward = [op for op in graph.get_operations()
+                if op.type in ("Conv2DBackpropFilter", "Conv2DBackpropInput", "MatMul") and "gradients" in op.name]
+    assert len(backward) > 40
+    checked = 0
+    for op in backward:
+        tower = re.search(r"(conv\d|fc\d)_(a|b)", op.name)
+        if not tower:
+            continue
+        replica = 1 if op.name.startswith("replica_1/") else 0
+        expected = logical_cpus[replica + (2 if tower.group(2) == "b" else 0)]
+        assert tf.DeviceSpec.from_string(op.device).device_index == \
+            tf.DeviceSpec.from_string(expected).device_index, (op.name, op.device)
+        checked += 1
+    assert checked > 30
+
+
+def test_stuck_run_detector():
+    assert train.is_stuck(np.log(10) * 1.01, 10)
+    assert train.is_stuck(6.9, 1000)
+    assert not train.is_stuck(1.9, 10)
+
+
+@pytest.mark.parametrize("flag, message", [("--batch_size=0", "--batch_size must be positive"),
+                                           ("--momentum=1.5", "--momentum must be in"),
+                                           ("--stats=/nonexistent.npz", "does not exist"),
+                                           ("--dataset=/nonexistent/folder", "nonexistent")])
+def test_bad_values_stop_with_one_line(tmp_path, flag, message):
+    result = run_trainer(tmp_path, flag, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    """A run killed with SIGKILL resumes from its last checkpoint and completes."""
+    args = [*FAST, f"--model_dir={tmp_path}", "--epochs=2", "--checkpoint_every=2"]
+    process = subprocess.Popen([sys.executable, "-m", "keras_alexnet.train", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not tf.train.latest_checkpoint(tmp_path / "checkpoints") and time.time() < deadline:
+            time.sleep(0.5)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    saved = int(tf.train.latest_checkpoint(tmp_path / "checkpoints").rsplit("-", 1)[1])
+    assert 2 <= saved < 8
+    result = run_trainer(tmp_path, "--epochs=2", "--checkpoint_every=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from" in result.stderr and f"at step {saved}" in result.stderr
+    assert digest(result.stdout)[1] == 8
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["num_classes"] == 10
+    assert len((tmp_path / "labels.txt").read_text().splitlines()) == 10
+
+
+def test_sigterm_saves_and_resumed_deterministic_run_matches_uninterrupted(tmp_path):
+    args = ["--epochs=2", "--deterministic", "--seed=5", "--checkpoint_every=3"]
+    whole = run_trainer(tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    process = subprocess.Popen([sys.executable, "-m", "keras_alexnet.train", *FAST, *args,
+                                f"--model_dir={tmp_path / 'split'}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not tf.train.latest_checkpoint(tmp_path / "split" / "checkpoints") and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "SIGTERM: stopped at step" in out
+    resumed = run_trainer(tmp_path / "split", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert digest(resumed.stdout) == digest(whole.stdout)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_of_multi_worker_mirrored_strategy_end_identical(tmp_path):
+    ports = [_free_port(), _free_port()]
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "keras_alexnet.train", *FAST, "--cpu_devices=0", "--epochs=1",
+             "--steps_per_epoch=3", f"--model_dir={tmp_path}"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    assert digest(outputs[0][0]) == digest(outputs[1][0])
+    assert digest(outputs[0][0])[1] == 3
+    assert not list(tmp_path.glob(".worker*"))
