@@ -31,10 +31,10 @@ flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(
 FLAGS = flags.FLAGS
 
 
-def variant_config(base, name):
+def variant_config(base, name, output_dir):
     _, changes, model_changes = VARIANTS[name]
     return dataclasses.replace(base, **changes, model={**base.model, **model_changes},
-                               model_dir=os.path.join(FLAGS.output_dir, name), export_dir=None)
+                               model_dir=os.path.join(output_dir, name), export_dir=None)
 
 
 def read_history(model_dir):
@@ -100,22 +100,26 @@ def plot(results, path):
     figure.savefig(path, dpi=100)
 
 
-def run_ablation(base, names, strategy, plan):
+def run_ablation(base, names, strategy, plan, output_dir):
     results = {}
     for name in names:
         print(f"\n=== {name}: {VARIANTS[name][0]}")
-        config = variant_config(base, name)
+        config = variant_config(base, name, output_dir)
         if not (tf.io.gfile.exists(os.path.join(config.model_dir, train.HISTORY))
                 and len(read_history(config.model_dir)) >= config.epochs):
-            train.train(config, strategy, plan)
+            try:
+                train.train(config, strategy, plan)
+            except train.TrainingStuck as error:  # Its epochs so far still go in the table.
+                print(f"{name}: {error}")
         results[name] = read_history(config.model_dir)
-    ten_crop = ten_crop_error(variant_config(base, "baseline").model_dir, base) if "baseline" in names else None
+    ten_crop = ten_crop_error(variant_config(base, "baseline", output_dir).model_dir, base) \
+        if "baseline" in names else None
     n = results[names[0]][-1]["validation"]["images"]
-    tf.io.gfile.makedirs(FLAGS.output_dir)
+    tf.io.gfile.makedirs(output_dir)
     markdown = table(results, ten_crop, n)
-    with tf.io.gfile.GFile(os.path.join(FLAGS.output_dir, "ablation.md"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(output_dir, "ablation.md"), "w") as f:
         f.write(markdown)
-    plot(results, os.path.join(FLAGS.output_dir, "curves.png"))
+    plot(results, os.path.join(output_dir, "curves.png"))
     print("\n" + markdown)
     return markdown
 
@@ -129,8 +133,8 @@ def main(argv):
         base = train.config_from_flags()
         train.split_cpu(base.cpu_devices)
         strategy, plan = train.make_strategy(base.towers_per_replica)
-        run_ablation(base, FLAGS.variants, strategy, plan)
-    except (ValueError, data.DataError, FileNotFoundError) as error:
+        run_ablation(base, FLAGS.variants, strategy, plan, FLAGS.output_dir)
+    except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from keras_alexnet import checkpoint, data, evaluate
+from keras_alexnet import checkpoint, data, evaluate, export, filters
 from keras_alexnet.model import INITS, build_alexnet
 
 FLAGS = flags.FLAGS
@@ -51,6 +51,7 @@ flags.DEFINE_boolean("deterministic", False, "Deterministic kernels: a resumed r
 flags.DEFINE_integer("checkpoint_every", 500, "Save a checkpoint every this many steps (and at each epoch end).")
 flags.DEFINE_string("stats", None, ".npz from keras_alexnet.stats; default: ImageNet's means and eigen figures.")
 flags.DEFINE_boolean("pca_lighting", True, "Fancy-PCA lighting augmentation (section 4.1).")
+flags.DEFINE_integer("shuffle_buffer", 2048, "Images in the shuffle buffer (256x256x3 bytes each).")
 flags.DEFINE_string("cache", None, "Cache decoded 256x256 images: 'memory' or a file path.")
 flags.DEFINE_string("export_dir", None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends.")
 
@@ -83,12 +84,13 @@ class Config:
     checkpoint_every: int = 500
     stats: str | None = None
     pca_lighting: bool = True
+    shuffle_buffer: int = 2048
     cache: str | None = None
     export_dir: str | None = None
     model: dict = dataclasses.field(default_factory=dict)  # Extra build_alexnet arguments (ablations).
 
     def validate(self):
-        positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every"]
+        positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every", "shuffle_buffer"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -210,6 +212,10 @@ def make_train_step(strategy, model, optimizer, config):
     return step
 
 
+class TrainingStuck(Exception):
+    """Three epochs in a row at chance, or a diverged loss: better stopped than run for 90 epochs."""
+
+
 def is_stuck(loss, num_classes):
     """True when the training loss is within 2% of ln(num_classes), i.e. the net still guesses."""
     return abs(loss - math.log(num_classes)) <= 0.02 * math.log(num_classes)
@@ -312,24 +318,30 @@ def train(config, strategy, plan):
         train_data = strategy.distribute_datasets_from_function(
             lambda ctx: data.train_pipeline(
                 train_source, config.batch_size, stats, seed=epoch_seed, pca_lighting=config.pca_lighting,
-                cache=config.cache, input_context=ctx).skip(done).take(steps_per_epoch - done))
+                cache=config.cache, input_context=ctx, shuffle_buffer=config.shuffle_buffer)
+            .skip(done).take(steps_per_epoch - done))
         print(f"Epoch {epoch + 1}/{config.epochs}  lr {float(optimizer.learning_rate):.2g}")
         bar = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1_err", "top5_err", "img/s"])
         bar.update(done)
         totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0}
-        started, images_seen, speed = time.perf_counter(), 0, 0.0
+        images_seen, speed = 0, 0.0
         for images, labels in train_data:
             out = train_step(images, labels)
             state["step"].assign_add(1)
             step = int(state["step"].numpy())
             for key in totals:
                 totals[key] += float(out[key])
+            if not math.isfinite(totals["loss"]):
+                raise TrainingStuck(f"the training loss is {totals['loss']} at step {step}: it diverged; "
+                                    "lower --learning_rate or try --init=caffe")
             images_seen += config.batch_size
-            seen = images_seen or 1
-            speed = images_seen / (time.perf_counter() - started)
+            if images_seen == config.batch_size:  # Time from the end of the first step: no tracing.
+                started = time.perf_counter()
+            else:
+                speed = (images_seen - config.batch_size) / (time.perf_counter() - started)
             bar.update(step - epoch * steps_per_epoch, [
-                ("loss", totals["loss"] / seen), ("top1_err", 1 - totals["top1"] / seen),
-                ("top5_err", 1 - totals["top5"] / seen), ("img/s", speed)])
+                ("loss", totals["loss"] / images_seen), ("top1_err", 1 - totals["top1"] / images_seen),
+                ("top5_err", 1 - totals["top5"] / images_seen), ("img/s", speed)])
             if step % 20 == 0:
                 with writers["train"].as_default(step=step):
                     tf.summary.scalar("loss", float(out["loss"]) / config.batch_size)
@@ -360,17 +372,18 @@ def train(config, strategy, plan):
                 f.write(json.dumps({"epoch": epoch + 1, "step": int(state["step"].numpy()), "train": train_metrics,
                                     "validation": metrics, "images_per_second": speed}) + "\n")
         skipped = train_source.skipped()
+        logging.info("unreadable image files skipped so far: %d", skipped)
         if skipped:
             print(f"skipped {skipped} unreadable image files so far")
-        if stuck:
+        stuck_epochs = int(state["stuck_epochs"].numpy())
+        if stuck_epochs >= 2:  # Epoch 1 often ends near chance on runs that then learn.
             print(f"warning: training loss {train_metrics['loss']:.3f} is within 2% of ln({num_classes}) = "
-                  f"{math.log(num_classes):.3f}: the net is not learning. Try --init=caffe, a lower "
-                  "--learning_rate (e.g. 0.001) or --warmup_epochs=2.")
-            if int(state["stuck_epochs"].numpy()) >= 3:
-                sys.exit("error: stopped after 3 epochs at chance; see the warning above")
+                  f"{math.log(num_classes):.3f} for {stuck_epochs} epochs: the net is not learning. Try "
+                  "--init=caffe, a lower --learning_rate (e.g. 0.001) or --warmup_epochs=2.")
+        if stuck_epochs >= 3:
+            raise TrainingStuck("stopped after 3 epochs at chance; see the warning above")
     print(f"final weights digest {weights_digest(model)} at step {int(state['step'].numpy())}")
     if config.export_dir and chief:
-        from keras_alexnet import export
         path = export.export_saved_model(model, train_source.class_names, stats, config.export_dir,
                                          int(state["step"].numpy()))
         print(f"exported SavedModel to {path}")
@@ -400,24 +413,12 @@ def _write_epoch_summaries(writers, model, step, train_metrics, val_metrics, chi
         if chief:
             for variable in model.trainable_variables:
                 tf.summary.histogram(variable.path, variable.value)
-            tf.summary.image("conv1_kernels", conv1_grid(model)[None])
+            tower_a, tower_b = filters.kernels_from_model(model)  # Figure 3: tower A beside tower B.
+            grid = np.concatenate([filters.kernel_grid([tower_a], 8), filters.kernel_grid([tower_b], 8)], 1)
+            tf.summary.image("conv1_kernels", grid[None])
     with writers["validation"].as_default(step=step):
         for key in ("loss", "top1_error", "top5_error"):
             tf.summary.scalar(f"epoch_{key}", val_metrics[key])
-
-
-def conv1_grid(model):
-    """The 96 conv1 kernels as one image, tower A's 48 beside tower B's 48 (Figure 3). TODO: filters"""
-    kernels = [model.get_layer(f"conv1{s}").layer.kernel for s in ("_a", "_b")]
-    tiles = []
-    for k in kernels:
-        k = tf.transpose(tf.convert_to_tensor(k), [3, 0, 1, 2])  # [48, 11, 11, 3]
-        low = tf.reduce_min(k, [1, 2, 3], keepdims=True)
-        k = (k - low) / (tf.reduce_max(k, [1, 2, 3], keepdims=True) - low + 1e-12)
-        k = tf.pad(k, [[0, 0], [1, 1], [1, 1], [0, 0]])
-        k = tf.reshape(k, [6, 8, 13, 13, 3])
-        tiles.append(tf.reshape(tf.transpose(k, [0, 2, 1, 3, 4]), [6 * 13, 8 * 13, 3]))
-    return tf.concat(tiles, 1)
 
 
 def main(argv):
@@ -427,7 +428,7 @@ def main(argv):
         split_cpu(config.cpu_devices)
         strategy, plan = make_strategy(config.towers_per_replica)
         train(config, strategy, plan)
-    except (ValueError, data.DataError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, TrainingStuck) as error:
         sys.exit(f"error: {error}")
 
 

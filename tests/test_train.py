@@ -18,7 +18,7 @@ from keras_alexnet.model import build_alexnet
 
 # Small, fast runs: tiny batches, few steps, a capped validation pass.
 FAST = ["--dataset=synthetic", "--batch_size=8", "--steps_per_epoch=4", "--eval_steps=2",
-        "--init=caffe", "--cpu_devices=2"]
+        "--init=caffe", "--cpu_devices=2", "--shuffle_buffer=64"]
 
 
 def run_trainer(model_dir, *args, env=None, timeout=240):
@@ -99,20 +99,37 @@ def test_each_towers_backward_pass_runs_on_its_own_device(step_setup, replica_pl
     assert checked > 30
 
 
-def test_stuck_run_detector():
+def test_stuck_run_detector_thresholds():
     assert train.is_stuck(np.log(10) * 1.01, 10)
     assert train.is_stuck(6.9, 1000)
+    assert not train.is_stuck(np.log(10) * 0.97, 10)
     assert not train.is_stuck(1.9, 10)
 
 
-@pytest.mark.parametrize("flag, message", [("--batch_size=0", "--batch_size must be positive"),
-                                           ("--momentum=1.5", "--momentum must be in"),
-                                           ("--stats=/nonexistent.npz", "does not exist"),
-                                           ("--dataset=/nonexistent/folder", "nonexistent")])
-def test_bad_values_stop_with_one_line(tmp_path, flag, message):
-    result = run_trainer(tmp_path, flag, timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
+    result = run_trainer(tmp_path, "--learning_rate=1e-9", "--epochs=5", "--steps_per_epoch=2")
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: training loss")]
+    assert len(warnings) == 2, result.stdout[-2000:]  # After epochs 2 and 3; epoch 1 is forgiven.
+    assert "for 2 epochs: the net is not learning. Try --init=caffe" in warnings[0]
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: stopped after 3 epochs at chance; see the warning above"
+
+
+@pytest.mark.parametrize("changes, message", [({"batch_size": 0}, "--batch_size must be positive"),
+                                              ({"momentum": 1.5}, "--momentum must be in [0, 1)"),
+                                              ({"dropout_rate": 1.0}, "--dropout_rate must be in [0, 1)"),
+                                              ({"towers_per_replica": 3}, "--towers_per_replica must be 1 or 2"),
+                                              ({"eval_steps": -1}, "--eval_steps must be positive"),
+                                              ({"stats": "/nonexistent.npz"}, "does not exist")])
+def test_bad_values_are_named(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.Config(**changes).validate()
+
+
+def test_bad_input_stops_with_one_line_and_no_traceback(tmp_path):
+    result = run_trainer(tmp_path, "--dataset=/nonexistent/folder", timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: dataset folder /nonexistent/folder does not exist"
     assert "Traceback" not in result.stderr
 
 

@@ -1,0 +1,75 @@
+"""The ablation tool: each variant changes exactly one thing, and a tiny run writes its table and plot."""
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_alexnet import ablate, train
+from keras_alexnet.lrn import LocalResponseNormalization
+from keras_alexnet.model import build_alexnet
+
+BASE = train.Config(dataset="synthetic", batch_size=8, epochs=1, steps_per_epoch=2, eval_steps=1,
+                    init="caffe", shuffle_buffer=16, checkpoint_every=100)
+
+
+def variant_model(name):
+    config = ablate.variant_config(BASE, name, "/unused")
+    return config, build_alexnet(10, dropout_rate=config.dropout_rate, **config.model)
+
+
+def inner_layers(model, kind):
+    return [layer.layer for layer in model.layers[1:] if isinstance(layer.layer, kind)]  # [0]: the input.
+
+
+def test_each_variant_changes_one_thing():
+    base_config, base = variant_model("baseline")
+    assert len(inner_layers(base, LocalResponseNormalization)) == 4
+    assert {layer.pool_size for layer in inner_layers(base, keras.layers.MaxPooling2D)} == {(3, 3)}
+
+    _, no_lrn = variant_model("no_lrn")
+    assert inner_layers(no_lrn, LocalResponseNormalization) == []
+    assert no_lrn.count_params() == base.count_params()
+
+    _, pool = variant_model("pool_2x2")
+    pools = inner_layers(pool, keras.layers.MaxPooling2D)
+    assert {(p.pool_size, p.strides) for p in pools} == {((2, 2), (2, 2))}
+    assert [p.output.shape for p in pool.layers if "pool" in p.name] == \
+        [p.output.shape for p in base.layers if "pool" in p.name]  # Same map sizes: 27, 13, 6.
+
+    config, no_dropout = variant_model("no_dropout")
+    assert config.dropout_rate == 0.0
+    assert {d.rate for d in inner_layers(no_dropout, keras.layers.Dropout)} == {0.0}
+    assert {d.rate for d in inner_layers(base, keras.layers.Dropout)} == {0.5}
+
+    config, _ = variant_model("no_pca")
+    assert config.pca_lighting is False and base_config.pca_lighting is True
+
+    _, one = variant_model("one_tower")
+    assert not any(layer.name.endswith("_b") for layer in one.layers)
+    assert one.get_layer("conv2").layer.filters == 256 and one.get_layer("fc7").output.shape[-1] == 4096
+    changed = {f.name for f in dataclasses.fields(train.Config)
+               if getattr(ablate.variant_config(BASE, "one_tower", "x"), f.name) != getattr(BASE, f.name)}
+    assert changed == {"model", "model_dir"}
+
+
+def test_standard_error_of_an_error_rate():
+    assert ablate.standard_error(0.5, 1000) == pytest.approx(0.0158, abs=1e-4)
+    assert ablate.standard_error(0.1, 100) == pytest.approx(0.03)
+
+
+def test_tiny_ablation_writes_its_table_and_curves(tmp_path, logical_cpus):
+    strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
+    plan = {logical_cpus[0]: [logical_cpus[0], logical_cpus[1]]}
+    markdown = ablate.run_ablation(BASE, ["baseline", "no_lrn"], strategy, plan, str(tmp_path))
+    assert (tmp_path / "ablation.md").read_text() == markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["baseline", "no_lrn", "baseline, 10-crop test"]
+    assert "standard error" in markdown and "8 validation images" in markdown
+    for name in ("baseline", "no_lrn"):
+        history = ablate.read_history(tmp_path / name)
+        assert [h["epoch"] for h in history] == [1] and history[0]["validation"]["images"] == 8
+    png = np.asarray(Image.open(tmp_path / "curves.png"))
+    assert png.shape[0] > 200 and png.shape[1] > 600 and png.std() > 0
