@@ -26,8 +26,6 @@ VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
     "one_tower": ("one tower of the same width (3.2)", {}, {"towers": 1}),
 }
 
-flags.DEFINE_string("output_dir", "runs/ablate", "One run directory per variant, the table and the plot.")
-flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
 FLAGS = flags.FLAGS
 
 
@@ -139,4 +137,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    train.define_flags()
+    flags.DEFINE_string("output_dir", "runs/ablate", "One run directory per variant, the table and the plot.")
+    flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
     app.run(main)

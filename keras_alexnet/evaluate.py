@@ -81,11 +81,11 @@ def main(argv):
         sys.exit(f"error: {error}")
     stats = data.Stats.load(run.stats_path)
     strategy = tf.distribute.get_strategy()
-    step = make_eval_step(strategy, model)
+    eval_step = make_eval_step(strategy, model)
     results = {}
     for name, ten_crop in [("centre crop", False)] + [("10-crop", True)] * FLAGS.ten_crop:
         dataset = data.eval_pipeline(source, FLAGS.batch_size, stats, ten_crop=ten_crop)
-        results[name] = evaluate(step, dataset)
+        results[name] = evaluate(eval_step, dataset)
     print(f"\n{FLAGS.split} of {FLAGS.dataset or run.config['dataset']} at step {step}:")
     print("| test | top-1 error | top-5 error | loss | images |\n|---|---|---|---|---|")
     for name, r in results.items():

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import typing
 
 import keras
 import numpy as np
@@ -23,70 +24,53 @@ from keras_alexnet.model import INITS, build_alexnet
 
 FLAGS = flags.FLAGS
 HISTORY = "history.jsonl"  # One JSON line per epoch: train and validation metrics, images/s.
-flags.DEFINE_string("dataset", "synthetic", "'synthetic' (built-in, offline), a folder of class folders, "
-                    "or a TFDS name such as imagenet2012 or imagenette/320px-v2.")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (manual_dir for imagenet2012 lives below it).")
-flags.DEFINE_string("model_dir", "runs/alexnet", "Checkpoints, TensorBoard logs, labels.txt, config.json.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size (section 5: 128).")
-flags.DEFINE_integer("epochs", 90, "Epochs to train (section 5: roughly 90).")
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch; default: one pass over the split.")
-flags.DEFINE_float("learning_rate", 0.01, "Initial learning rate epsilon (section 5: 0.01).")
-flags.DEFINE_float("momentum", 0.9, "Momentum (section 5: 0.9).")
-flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay inside the momentum update (section 5: 0.0005).")
-flags.DEFINE_boolean("decay_biases", False, "Apply weight decay to biases too (the paper says 'weights').")
-flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up over this many epochs (not in the paper).")
-flags.DEFINE_integer("eval_steps", None, "Cap on validation batches per epoch; default: the whole split.")
-flags.DEFINE_integer("lr_patience", 1, "Epochs without a better validation error before lr /= 10.")
-flags.DEFINE_integer("max_lr_drops", 3, "How often the learning rate may be divided by 10 (section 5: 3).")
-flags.DEFINE_enum("init", "paper", list(INITS), "Initialisation: paper (section 5), caffe, glorot.")
-flags.DEFINE_float("dropout_rate", 0.5, "Dropout after fc6 and fc7 (section 4.2).")
-flags.DEFINE_integer("towers_per_replica", 2, "2: the paper's two towers on two devices per replica; 1: "
-                     "every device is a replica running both towers.")
-flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (0: leave it).")
-flags.DEFINE_enum("mixed_precision", "off", ["off", "mixed_float16", "mixed_bfloat16"],
-                  "Keras mixed-precision policy (mixed_float16 adds loss scaling).")
-flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
-flags.DEFINE_integer("seed", 0, "Seed of the initial weights, dropout and augmentation.")
-flags.DEFINE_boolean("deterministic", False, "Deterministic kernels: a resumed run ends as an uninterrupted one.")
-flags.DEFINE_integer("checkpoint_every", 500, "Save a checkpoint every this many steps (and at each epoch end).")
-flags.DEFINE_string("stats", None, ".npz from keras_alexnet.stats; default: ImageNet's means and eigen figures.")
-flags.DEFINE_boolean("pca_lighting", True, "Fancy-PCA lighting augmentation (section 4.1).")
-flags.DEFINE_integer("shuffle_buffer", 2048, "Images in the shuffle buffer (256x256x3 bytes each).")
-flags.DEFINE_string("cache", None, "Cache decoded 256x256 images: 'memory' or a file path.")
-flags.DEFINE_string("export_dir", None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends.")
+
+
+def option(default, help, choices=None):
+    """A Config field that is also a command-line flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
 class Config:
-    """Everything a run depends on; written to config.json beside the checkpoints."""
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    model_dir: str = "runs/alexnet"
-    batch_size: int = 128
-    epochs: int = 90
-    steps_per_epoch: int | None = None
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_biases: bool = False
-    warmup_epochs: int = 0
-    eval_steps: int | None = None
-    lr_patience: int = 1
-    max_lr_drops: int = 3
-    init: str = "paper"
-    dropout_rate: float = 0.5
-    towers_per_replica: int = 2
-    cpu_devices: int = 0
-    mixed_precision: str = "off"
-    jit_compile: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every: int = 500
-    stats: str | None = None
-    pca_lighting: bool = True
-    shuffle_buffer: int = 2048
-    cache: str | None = None
-    export_dir: str | None = None
+    """Everything a run depends on: one flag per field, written to config.json beside the checkpoints.
+
+    Section 5's recipe is the default, except `init`: the paper's biases of 1 leave small datasets at
+    chance (README, "Training on your own images"), so Caffe's fillers are; --init=paper restores it.
+    """
+    dataset: str = option("synthetic", "'synthetic' (built-in, offline), a folder of class folders, "
+                          "or a TFDS name such as imagenet2012 or imagenette/320px-v2.")
+    data_dir: str | None = option(None, "TFDS data directory (manual_dir for imagenet2012 lives below it).")
+    model_dir: str = option("runs/alexnet", "Checkpoints, TensorBoard logs, labels.txt, config.json.")
+    batch_size: int = option(128, "Global batch size (section 5: 128).")
+    epochs: int = option(90, "Epochs to train (section 5: roughly 90).")
+    steps_per_epoch: int | None = option(None, "Cap on steps per epoch; default: one pass over the split.")
+    eval_steps: int | None = option(None, "Cap on validation batches per epoch; default: the whole split.")
+    learning_rate: float = option(0.01, "Initial learning rate epsilon (section 5: 0.01).")
+    momentum: float = option(0.9, "Momentum (section 5: 0.9).")
+    weight_decay: float = option(5e-4, "L2 weight decay inside the momentum update (section 5: 0.0005).")
+    decay_biases: bool = option(False, "Apply weight decay to biases too (section 5 says 'weights').")
+    warmup_epochs: int = option(0, "Linear learning-rate warm-up over this many epochs (not in the paper).")
+    lr_patience: int = option(2, "Epochs without a better validation error before lr /= 10 (the paper "
+                              "gives no number).")
+    max_lr_drops: int = option(3, "How often the learning rate may be divided by 10 (section 5: 3).")
+    init: str = option("caffe", "Initialisation: paper (section 5), caffe (bvlc_alexnet), glorot.", list(INITS))
+    dropout_rate: float = option(0.5, "Dropout after fc6 and fc7 (section 4.2).")
+    towers_per_replica: int = option(2, "2: the paper's two towers on two devices per replica; 1: every "
+                                     "device is a replica running both towers.")
+    cpu_devices: int = option(0, "Split the CPU into this many logical devices (0: leave it).")
+    mixed_precision: str = option("off", "Keras mixed-precision policy (mixed_float16 adds loss scaling).",
+                                  ["off", "mixed_float16", "mixed_bfloat16"])
+    jit_compile: bool = option(False, "Compile each replica's forward and backward pass with XLA.")
+    seed: int = option(0, "Seed of the initial weights, dropout and augmentation.")
+    deterministic: bool = option(False, "Deterministic kernels: a resumed run ends as an uninterrupted one.")
+    checkpoint_every: int = option(500, "Save a checkpoint every this many steps (and at each epoch end).")
+    stats: str | None = option(None, ".npz from keras_alexnet.stats; default: ImageNet's means and eigen "
+                               "figures.")
+    pca_lighting: bool = option(True, "Fancy-PCA lighting augmentation (section 4.1).")
+    shuffle_buffer: int = option(2048, "Images in the shuffle buffer (192 KiB each).")
+    cache: str | None = option(None, "Cache decoded 256x256 images: 'memory' or a file path.")
+    export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends.")
     model: dict = dataclasses.field(default_factory=dict)  # Extra build_alexnet arguments (ablations).
 
     def validate(self):
@@ -109,6 +93,20 @@ class Config:
         if self.stats and not tf.io.gfile.exists(self.stats):
             raise ValueError(f"--stats file {self.stats} does not exist")
         return self
+
+
+def define_flags():
+    """One absl flag per Config field, with its default and help."""
+    define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              bool: flags.DEFINE_boolean}
+    for field in dataclasses.fields(Config):
+        if "help" not in field.metadata:
+            continue
+        kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+        if field.metadata["choices"]:
+            flags.DEFINE_enum(field.name, field.default, field.metadata["choices"], field.metadata["help"])
+        else:
+            define[kind](field.name, field.default, field.metadata["help"])
 
 
 def config_from_flags():
@@ -433,4 +431,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

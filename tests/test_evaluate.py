@@ -1,0 +1,79 @@
+"""keras_alexnet.evaluate: centre-crop and 10-crop errors of a run, checked against numpy."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_alexnet import checkpoint, data, evaluate
+from keras_alexnet.model import build_alexnet
+
+CLASSES = ["blue", "green", "red"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with a checkpoint of a 3-class model, and a small folder dataset."""
+    root = tmp_path_factory.mktemp("evaluate")
+    rng = np.random.default_rng(0)
+    for split, count in [("train", 1), ("val", 4)]:
+        for label, name in enumerate(CLASSES):
+            (root / "data" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (240, 300, 3), dtype=np.uint8)
+                pixels[..., 2 - label] += 170  # A dominant channel per class.
+                Image.fromarray(pixels).save(root / "data" / split / name / f"{i}.jpg")
+    model_kwargs = {"num_classes": 3, "init": "glorot"}
+    model = build_alexnet(**model_kwargs, seed=1)
+    checkpoint.write_run_files(root / "run", {"model": model_kwargs, "dataset": str(root / "data")},
+                               CLASSES, data.Stats.imagenet())
+    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(42, dtype=tf.int64))
+    tf.train.CheckpointManager(ckpt, root / "run" / checkpoint.CHECKPOINTS, max_to_keep=1).save()
+    return root, model
+
+
+def expected_errors(model, root, ten_crop):
+    """Top-1/top-5 errors computed with numpy from the model's outputs on each image's views."""
+    source = data.load_source(str(root / "data"), "validation")
+    top1 = top5 = n = 0
+    for image, label in source.images:
+        views = (data.ten_crop if ten_crop else lambda x: data.center_crop(x)[None])(
+            tf.cast(image, tf.float32) - data.Stats.imagenet().mean_image)
+        probabilities = model(views, training=False).numpy().mean(0)
+        ranking = np.argsort(-probabilities)
+        top1 += ranking[0] != int(label)
+        top5 += int(label) not in ranking[:5]
+        n += 1
+    return top1 / n, top5 / n, n
+
+
+def test_evaluate_cli_reports_the_errors_numpy_computes(run_dir):
+    root, model = run_dir
+    result = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={root / 'run'}",
+                             "--batch_size=5"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "run" / "eval_validation.json").read_text())
+    assert report["step"] == 42
+    for name, ten_crop in [("centre crop", False), ("10-crop", True)]:
+        top1, top5, n = expected_errors(model, root, ten_crop)
+        got = report["results"][name]
+        assert got["images"] == n == 12
+        assert got["top1_error"] == pytest.approx(top1) and got["top5_error"] == pytest.approx(top5) == 0.0
+        assert f"| {name} | {top1:.2%} |" in result.stdout
+
+
+def test_evaluate_cli_bad_run_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a training run: it has no config.json"
+
+
+def test_hits_counts_top_k():
+    probabilities = tf.constant([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    labels = tf.constant([2, 0])
+    assert float(evaluate.hits(labels, probabilities, 1)) == 1.0
+    assert float(evaluate.hits(labels, probabilities, 2)) == 2.0
