@@ -1,12 +1,21 @@
-"""Benchmarks behind `make bench`: each appends rows {what, ours, reference, ratio, unit}."""
+"""python -m keras_alexnet.bench (`make bench`): one markdown table, ours beside a reference per row.
+
+Every row is measured in this one process, ours and the reference in alternating rounds, so compare
+ratios, not absolute figures across machines. Each bench_* function appends rows
+{what, ours, reference, ratio, unit}.
+"""
+import datetime
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import data, export
+from keras_alexnet import data, export, lrn, train
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -22,7 +31,7 @@ def _images_per_second(call, batch_size, seconds=1.5, min_calls=2):
 
 def _row(what, ours, reference, batch_size, rounds=3):
     """Best-of-`rounds` images/s of two calls measured in turn, so that a busy machine hurts both alike."""
-    ours(), reference()  # Warm-up: tracing, kernel caches.
+    ours(), reference(), ours(), reference()  # Warm-up: tracing, kernel caches.
     rates = [(_images_per_second(ours, batch_size), _images_per_second(reference, batch_size))
              for _ in range(rounds)]
     ours, reference = max(r[0] for r in rates), max(r[1] for r in rates)
@@ -75,8 +84,6 @@ def bench_input_pipeline(rows, reference=None):
     images/s and images/s per core; `reference` (images/s, e.g. the model's training throughput)
     gives them a ratio, else reference and ratio are None.
     """
-    import os  # Kept local: the rest of this module does not need it.
-
     folder = SHARED_DATA / "imagenette2_224_subset" / "train"
     if not folder.is_dir():
         print(f"skipped the input pipeline rows: {folder} not found")
@@ -101,3 +108,154 @@ def bench_input_pipeline(rows, reference=None):
                          "reference": ref and round(ref, 1), "ratio": ref and round(ours / ref, 2),
                          "unit": "img/s" + ("/core" if suffix else "")})
     return rows
+
+
+def bench_lrn(rows, shape=(128, 55, 55, 96)):
+    """Forward + backward of our LRN against tf.nn.local_response_normalization at conv1's shape.
+
+    Milliseconds per call; ratio = ours / built-in time (target: <= 1.0 with XLA, <= 1.2 without).
+    """
+    x = tf.random.uniform(shape, 0, 30)
+    for jit in (False, True):
+        def fwd_bwd(function):
+            @tf.function(jit_compile=jit)
+            def call(x):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = function(x)
+                return tape.gradient(y, x, output_gradients=x)
+            return lambda: call(x).numpy()
+
+        # _row measures calls/s x "batch size"; at 1e6 that is 1e9 / ns per call = 1e6 / ms per call.
+        row = _row("", fwd_bwd(lrn.local_response_normalization),
+                   fwd_bwd(lambda t: tf.nn.local_response_normalization(t, 2, 2.0, 1e-4, 0.75)), 10**6)
+        ours, builtin = 10**6 / row["ours"], 10**6 / row["reference"]
+        rows.append({"what": f"LRN forward+backward {list(shape)}{', XLA' if jit else ''}: ours vs "
+                             "tf.nn.local_response_normalization", "ours": round(ours, 1),
+                     "reference": round(builtin, 1), "ratio": round(ours / builtin, 2),
+                     "unit": "ms (lower is better)"})
+    return rows
+
+
+def _single_tower_reference(num_classes):
+    """A plain single-tower Keras AlexNet: Conv2D(groups=2) for the towers, the built-in LRN."""
+    layers = keras.layers
+
+    def norm(x):
+        return layers.Lambda(lambda t: tf.nn.local_response_normalization(t, 2, 2.0, 1e-4, 0.75))(x)
+
+    x = inputs = keras.Input(INPUT_SHAPE)
+    x = layers.MaxPooling2D(3, 2)(norm(layers.Conv2D(96, 11, 4, activation="relu")(x)))
+    x = layers.MaxPooling2D(3, 2)(norm(layers.Conv2D(256, 5, padding="same", groups=2, activation="relu")(x)))
+    x = layers.Conv2D(384, 3, padding="same", activation="relu")(x)
+    x = layers.Conv2D(384, 3, padding="same", groups=2, activation="relu")(x)
+    x = layers.MaxPooling2D(3, 2)(layers.Conv2D(256, 3, padding="same", groups=2, activation="relu")(x))
+    x = layers.Flatten()(x)
+    for _ in range(2):
+        x = layers.Dropout(0.5)(layers.Dense(4096, activation="relu")(x))
+    return keras.Model(inputs, layers.Dense(num_classes, activation="softmax")(x))
+
+
+def _tape_step(model, jit):
+    """A plain GradientTape SGD step (momentum 0.9), the reference's training step."""
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True)))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+    return step
+
+
+def _our_step(devices, jit, batch_size, builtin_lrn=False):
+    """Our training step (train.make_train_step) on one replica with towers on `devices`."""
+    strategy = tf.distribute.MirroredStrategy(devices[:1])
+    with strategy.scope():
+        model = build_alexnet(1000, tower_devices={devices[0]: devices}, seed=0)
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+    step = train.make_train_step(strategy, model, optimizer, train.Config(batch_size=batch_size, jit_compile=jit))
+    if builtin_lrn:  # The same model and step with the built-in LRN op.
+        original = lrn.local_response_normalization
+        lrn.local_response_normalization = lambda t, *args: tf.nn.local_response_normalization(t, *args)
+        step.get_concrete_function(tf.TensorSpec([batch_size, *INPUT_SHAPE]), tf.TensorSpec([batch_size], tf.int32))
+        lrn.local_response_normalization = original
+    return step
+
+
+def _matmul_ceiling():
+    """float32 GFLOP/s of a 4096^2 matmul: with 4.35 GFLOP per training image, the img/s ceiling."""
+    a = tf.random.normal([4096, 4096])
+    matmul = tf.function(lambda: tf.matmul(a, a))
+    rate = _images_per_second(lambda: matmul().numpy(), 1, seconds=3)
+    return rate * 2 * 4096 ** 3 / 1e9
+
+
+def bench_training(rows, batch_size=128):
+    """Training images/s: our two-tower model against plain Keras references, in the same process."""
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    images = tf.random.normal([batch_size, *INPUT_SHAPE], stddev=50.0)
+    labels = tf.random.uniform([batch_size], 0, 1000, tf.int32)
+    one_device = [cpus[0], cpus[0]]
+    reference = _single_tower_reference(1000)
+    ours_speed = None
+    for jit in (False, True):
+        ours = _our_step(one_device, jit, batch_size)
+        row = _row(f"training, batch {batch_size}{', XLA' if jit else ''}: two towers (ours) vs single-tower "
+                   "Conv2D(groups=2) + tf.nn LRN", lambda: ours(images, labels)["loss"].numpy(),
+                   lambda: _tape_step(reference, jit)(images, labels).numpy(), batch_size, rounds=2)
+        rows.append(row)
+        ours_speed = ours_speed or row["ours"]
+    ours, builtin = _our_step(one_device, False, batch_size), _our_step(one_device, False, batch_size, True)
+    rows.append(_row(f"training, batch {batch_size}: our LRN vs tf.nn LRN in the same two-tower model",
+                     lambda: ours(images, labels)["loss"].numpy(), lambda: builtin(images, labels)["loss"].numpy(),
+                     batch_size, rounds=2))
+    if len(cpus) >= 2:
+        split = _our_step(cpus[:2], False, batch_size)
+        rows.append(_row(f"training, batch {batch_size}: towers on 2 logical CPUs vs both towers on one",
+                         lambda: split(images, labels)["loss"].numpy(),
+                         lambda: ours(images, labels)["loss"].numpy(), batch_size, rounds=2))
+    gflops = _matmul_ceiling()
+    ceiling = gflops / 4.35
+    rows.append({"what": f"training vs the float32 ceiling ({gflops:.0f} GFLOP/s 4096^2 matmul / 4.35 GFLOP "
+                         "per image)", "ours": ours_speed, "reference": round(ceiling, 1),
+                 "ratio": round(ours_speed / ceiling, 2), "unit": "img/s"})
+    return ours_speed
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                    platform.processor())
+
+
+def _run(bench, *args):
+    """Runs one benchmark; a failure prints one line and does not hide the other rows."""
+    started = time.perf_counter()
+    try:
+        return bench(*args)
+    except Exception as error:
+        print(f"{bench.__name__} failed: {' '.join(str(error).split())[:300]}")
+    finally:
+        print(f"{bench.__name__}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def main():
+    cpu = tf.config.list_physical_devices("CPU")[0]  # Two logical CPUs: the cost of the tower split.
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    rows = []
+    _run(bench_lrn, rows)
+    training_speed = _run(bench_training, rows)
+    _run(bench_input_pipeline, rows, training_speed)
+    _run(bench_export, rows)
+    print(f"\n{cpu_model()}, {len(os.sched_getaffinity(0))} cores; TensorFlow {tf.__version__}, "
+          f"Keras {keras.__version__}; {datetime.date.today().isoformat()}\n")
+    print("| what | ours | reference | ratio | unit |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['what']} | {row['ours']} | {row['reference']} | {row['ratio']} | {row['unit']} |")
+
+
+if __name__ == "__main__":
+    main()

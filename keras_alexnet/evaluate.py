@@ -3,6 +3,7 @@
     python -m keras_alexnet.evaluate --model_dir runs/alexnet [--ten_crop] [--split validation]
 """
 import json
+import math
 import os
 import sys
 
@@ -45,10 +46,10 @@ def hits(labels, probabilities, k):
     return tf.reduce_sum(tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), probabilities, k), tf.float32))
 
 
-def evaluate(step, dataset, progress=True):
+def evaluate(step, dataset, progress=True, batches=None):
     """{"loss", "top1_error", "top5_error", "images"} of a `make_eval_step` step over a finite dataset."""
     totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "images": 0.0}
-    bar = keras.utils.Progbar(None, unit_name="batch", verbose=1 if progress else 0)
+    bar = keras.utils.Progbar(batches, unit_name="batch", verbose=1 if progress else 0)
     for images, labels in dataset:
         for key, value in step(images, labels).items():
             totals[key] += float(value)
@@ -85,7 +86,8 @@ def main(argv):
     results = {}
     for name, ten_crop in [("centre crop", False)] + [("10-crop", True)] * FLAGS.ten_crop:
         dataset = data.eval_pipeline(source, FLAGS.batch_size, stats, ten_crop=ten_crop)
-        results[name] = evaluate(eval_step, dataset)
+        batches = source.num_examples and math.ceil(source.num_examples / FLAGS.batch_size)
+        results[name] = evaluate(eval_step, dataset, batches=batches)
     print(f"\n{FLAGS.split} of {FLAGS.dataset or run.config['dataset']} at step {step}:")
     print("| test | top-1 error | top-5 error | loss | images |\n|---|---|---|---|---|")
     for name, r in results.items():

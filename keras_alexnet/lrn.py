@@ -16,7 +16,7 @@ The gradient is the closed form, not autodiff through the forward pass:
 (the window is symmetric, so "every c whose window holds i" is the window of i). Both window sums are
 a matmul with a banded C x C matrix of ones, which is what CPUs and GPUs do fastest; d^-0.75 is
 rsqrt(d) * rsqrt(sqrt(d)), cheaper and as accurate as pow. Half-precision inputs are computed in float32
-and returned in their own dtype.
+(float64 ones in float64) and returned in their own dtype.
 """
 import keras
 import numpy as np
@@ -41,8 +41,8 @@ def _inverse_power(d, beta):
 def local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75):
     """Functional LRN over the last axis of `x`; same arguments and result as the tf.nn op."""
     dtype = x.dtype
-    x = tf.cast(x, tf.float32)
-    band = _band(x.shape[-1], depth_radius)
+    x = tf.cast(x, tf.float64 if dtype == tf.float64 else tf.float32)
+    band = tf.cast(_band(x.shape[-1], depth_radius), x.dtype)
 
     def window_sum(t):
         flat = tf.reshape(t, [-1, t.shape[-1]])
