@@ -15,7 +15,8 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 train: install
-	$(PY) -m keras_alexnet.train --dataset=synthetic --model_dir=runs/demo --epochs=3 --export_dir=export/alexnet
+	$(PY) -m keras_alexnet.train --dataset=synthetic --model_dir=runs/demo --epochs=5 --batch_size=32 \
+		--export_dir=export/alexnet
 
 test: install
 	$(PY) -m pytest -q tests

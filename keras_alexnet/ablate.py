@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import sys
 
@@ -98,17 +99,29 @@ def plot(results, path):
     figure.savefig(path, dpi=100)
 
 
-def run_ablation(base, names, strategy, plan, output_dir):
+def train_variant(config):
+    """Trains one variant in this process; run in a child process, so each starts with fresh memory."""
+    train.split_cpu(config.cpu_devices)
+    strategy, plan = train.make_strategy(config.towers_per_replica)
+    try:
+        train.train(config, strategy, plan)
+    except train.TrainingStuck as error:  # Its epochs so far still go in the table.
+        print(f"{config.model_dir}: {error}")
+
+
+def run_ablation(base, names, output_dir):
     results = {}
+    processes = multiprocessing.get_context("spawn")
     for name in names:
-        print(f"\n=== {name}: {VARIANTS[name][0]}")
+        print(f"\n=== {name}: {VARIANTS[name][0]}", flush=True)
         config = variant_config(base, name, output_dir)
         if not (tf.io.gfile.exists(os.path.join(config.model_dir, train.HISTORY))
                 and len(read_history(config.model_dir)) >= config.epochs):
-            try:
-                train.train(config, strategy, plan)
-            except train.TrainingStuck as error:  # Its epochs so far still go in the table.
-                print(f"{name}: {error}")
+            child = processes.Process(target=train_variant, args=(config,))
+            child.start()
+            child.join()
+            if child.exitcode:
+                raise RuntimeError(f"variant {name} failed with exit code {child.exitcode}")
         results[name] = read_history(config.model_dir)
     ten_crop = ten_crop_error(variant_config(base, "baseline", output_dir).model_dir, base) \
         if "baseline" in names else None
@@ -128,11 +141,8 @@ def main(argv):
         unknown = set(FLAGS.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-        base = train.config_from_flags()
-        train.split_cpu(base.cpu_devices)
-        strategy, plan = train.make_strategy(base.towers_per_replica)
-        run_ablation(base, FLAGS.variants, strategy, plan, FLAGS.output_dir)
-    except (ValueError, FileNotFoundError) as error:
+        run_ablation(train.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -209,6 +209,10 @@ def bench_training(rows, batch_size=128):
         rows.append(row)
         ours_speed = ours_speed or row["ours"]
     ours, builtin = _our_step(one_device, False, batch_size), _our_step(one_device, False, batch_size, True)
+    plain = _tape_step(build_alexnet(1000, seed=0), False)
+    rows.append(_row(f"training, batch {batch_size}: our step (MirroredStrategy, tf.gradients) vs a plain "
+                     "GradientTape step of the same model", lambda: ours(images, labels)["loss"].numpy(),
+                     lambda: plain(images, labels).numpy(), batch_size, rounds=2))
     rows.append(_row(f"training, batch {batch_size}: our LRN vs tf.nn LRN in the same two-tower model",
                      lambda: ours(images, labels)["loss"].numpy(), lambda: builtin(images, labels)["loss"].numpy(),
                      batch_size, rounds=2))

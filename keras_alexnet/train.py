@@ -258,9 +258,7 @@ def train(config, strategy, plan):
     train_source = data.load_source(config.dataset, "train", config.data_dir, seed=config.seed)
     val_source = data.load_source(config.dataset, "validation", config.data_dir, seed=config.seed)
     stats = data.Stats.load(config.stats) if config.stats else data.Stats.imagenet()
-    steps_per_epoch = (train_source.num_examples or 0) // config.batch_size
-    if config.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch) or config.steps_per_epoch
+    steps_per_epoch = min(train_source.num_examples // config.batch_size, config.steps_per_epoch or math.inf)
     if steps_per_epoch < 1:
         raise data.DataError(f"{config.dataset} has fewer training images than one batch of {config.batch_size}")
     num_classes = len(train_source.class_names)

@@ -1,6 +1,7 @@
 """Shared test set-up: 4 logical CPU devices (towers, replicas and workers without GPUs), shared data."""
 from pathlib import Path
 
+import keras
 import pytest
 import tensorflow as tf
 
@@ -16,3 +17,10 @@ if len(tf.config.get_logical_device_configuration(_cpu) or []) < 4:
 def logical_cpus():
     """The names of the 4 logical CPU devices."""
     return [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_models():
+    """Each AlexNet holds about 1 GB with its optimizer: let a module's models go before the next."""
+    yield
+    keras.backend.clear_session(free_memory=True)

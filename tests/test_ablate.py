@@ -4,7 +4,6 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from keras_alexnet import ablate, train
@@ -60,10 +59,8 @@ def test_standard_error_of_an_error_rate():
     assert ablate.standard_error(0.1, 100) == pytest.approx(0.03)
 
 
-def test_tiny_ablation_writes_its_table_and_curves(tmp_path, logical_cpus):
-    strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
-    plan = {logical_cpus[0]: [logical_cpus[0], logical_cpus[1]]}
-    markdown = ablate.run_ablation(BASE, ["baseline", "no_lrn"], strategy, plan, str(tmp_path))
+def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
+    markdown = ablate.run_ablation(BASE, ["baseline", "no_lrn"], str(tmp_path))  # Each in a child process.
     assert (tmp_path / "ablation.md").read_text() == markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["baseline", "no_lrn", "baseline, 10-crop test"]

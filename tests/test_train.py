@@ -88,7 +88,7 @@ def test_each_towers_backward_pass_runs_on_its_own_device(step_setup, replica_pl
     assert len(backward) > 40
     checked = 0
     for op in backward:
-        tower = re.search(r"(conv\d|fc\d)_(a|b)", op.name)
+        tower = re.search(r"(conv\d|fc\d|lrn\d)_(a|b)", op.name)
         if not tower:
             continue
         replica = 1 if op.name.startswith("replica_1/") else 0
