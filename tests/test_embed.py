@@ -30,7 +30,7 @@ def build_model():
     return build_alexnet(10, seed=0, init="glorot")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     return export_saved_model(build_model(), [f"class{i}" for i in range(10)], data.Stats.imagenet(),
                               str(tmp_path_factory.mktemp("export")), 1)
@@ -49,7 +49,7 @@ def draw(kind, seed, size):
     return np.where(mask[..., None], colour, 255 - colour).astype(np.uint8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """12 images in 3 class folders, JPEG and PNG of several sizes, and one file that is no image."""
     root = tmp_path_factory.mktemp("images")
@@ -63,7 +63,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def embedded(saved_model, image_folder, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("embeddings")
     rows, skipped = embed.run(saved_model, str(logdir), images=str(image_folder), batch_size=5)

@@ -29,7 +29,7 @@ def run_cli(*args, **kwargs):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, **kwargs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stats():
     """ImageNet figures with a mean image that varies in space, so that a wrong crop of it shows."""
     ramp = np.linspace(-20, 20, 256, dtype=np.float32)
@@ -37,7 +37,7 @@ def stats():
     return dataclasses.replace(imagenet, mean_image=imagenet.mean_image + ramp[:, None, None] - ramp[None, :, None])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, stats):
     """A training run directory at step 7, as train.py leaves it."""
     model_dir = tmp_path_factory.mktemp("run")
@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory, stats):
     return model_dir, model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory):
     """The one export of the session, through the command line."""
     model_dir, _ = run_dir
@@ -59,12 +59,12 @@ def exported(run_dir, tmp_path_factory):
     return export_dir / str(STEP)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def keras_model(run_dir):
     return run_dir[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
     """A JPEG and a greyscale PNG of our own, not square, so that resizing and cropping matter."""
     folder = tmp_path_factory.mktemp("images")
@@ -75,7 +75,7 @@ def image_files(tmp_path_factory):
     return [str(folder / "pattern.jpg"), str(folder / "grey.png")]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def photos():
     files = sorted(str(p) for p in PHOTOS.glob("*") if p.suffix in (".png", ".jpg"))
     if not files:
@@ -177,7 +177,7 @@ def test_loads_and_matches_keras_without_keras_alexnet(exported, keras_model, st
         assert fc7.min() >= 0  # Post-ReLU.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loaded(exported):
     return tf.saved_model.load(str(exported)).signatures
 
