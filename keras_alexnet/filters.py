@@ -25,8 +25,10 @@ KERNEL_SHAPE = (11, 11, 3, 48)
 
 
 def kernels_from_model(model):
-    """(tower A, tower B) conv1 kernels of a build_alexnet model, each [11, 11, 3, 48]."""
-    return tuple(model.get_layer(f"conv1{s}").layer.kernel.numpy() for s in TOWERS)
+    """(tower A, tower B) conv1 kernels of a build_alexnet model, each [11, 11, 3, 48]; of a one-tower
+    model (build_alexnet(towers=1)), its one [11, 11, 3, 96] kernel."""
+    names = [f"conv1{s}" for s in TOWERS] if "conv1_a" in [layer.name for layer in model.layers] else ["conv1"]
+    return tuple(model.get_layer(name).layer.kernel.numpy() for name in names)
 
 
 def kernels_from_saved_model(saved_model):
@@ -69,7 +71,7 @@ def kernel_grid(towers, columns=16, scale=4):
 
 
 def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scale=4):
-    """Writes the grid to `output`; returns {"A": saturation, "B": saturation}."""
+    """Writes the grid to `output`; returns {"A": saturation, "B": saturation} (just "A" for one tower)."""
     if bool(model_dir) == bool(saved_model):
         raise ValueError("give exactly one of --model_dir and --saved_model")
     if columns < 1 or scale < 1:
@@ -77,7 +79,7 @@ def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scal
     towers = kernels_from_saved_model(saved_model) if saved_model else kernels_from_model(
         checkpoint.restore_model(model_dir)[0])
     Image.fromarray(kernel_grid(towers, columns, scale)).save(output)
-    return {"A": saturation(towers[0]), "B": saturation(towers[1])}
+    return {"AB"[i]: saturation(kernels) for i, kernels in enumerate(towers)}
 
 
 FLAGS = flags.FLAGS
@@ -99,7 +101,7 @@ def main(argv):
         embed.fail(error)
     print(f"wrote {FLAGS.output}")
     for tower, value in saturations.items():
-        print(f"tower {tower}: mean colour saturation (HSV chroma) of its 48 kernels {value:.3f}")
+        print(f"tower {tower}: mean colour saturation (HSV chroma) of its kernels {value:.3f}")
 
 
 if __name__ == "__main__":

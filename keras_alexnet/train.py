@@ -409,8 +409,8 @@ def _write_epoch_summaries(writers, model, step, train_metrics, val_metrics, chi
         if chief:
             for variable in model.trainable_variables:
                 tf.summary.histogram(variable.path, variable.value)
-            tower_a, tower_b = filters.kernels_from_model(model)  # Figure 3: tower A beside tower B.
-            grid = np.concatenate([filters.kernel_grid([tower_a], 8), filters.kernel_grid([tower_b], 8)], 1)
+            towers = filters.kernels_from_model(model)  # Figure 3: tower A beside tower B.
+            grid = np.concatenate([filters.kernel_grid([kernels], 8) for kernels in towers], 1)
             tf.summary.image("conv1_kernels", grid[None])
     with writers["validation"].as_default(step=step):
         for key in ("loss", "top1_error", "top5_error"):

@@ -60,12 +60,12 @@ def test_standard_error_of_an_error_rate():
 
 
 def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
-    markdown = ablate.run_ablation(BASE, ["baseline", "no_lrn"], str(tmp_path))  # Each in a child process.
+    markdown = ablate.run_ablation(BASE, ["baseline", "one_tower"], str(tmp_path))  # Each in a child process.
     assert (tmp_path / "ablation.md").read_text() == markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
-    assert [row.split("|")[1].strip() for row in rows] == ["baseline", "no_lrn", "baseline, 10-crop test"]
+    assert [row.split("|")[1].strip() for row in rows] == ["baseline", "one_tower", "baseline, 10-crop test"]
     assert "standard error" in markdown and "8 validation images" in markdown
-    for name in ("baseline", "no_lrn"):
+    for name in ("baseline", "one_tower"):
         history = ablate.read_history(tmp_path / name)
         assert [h["epoch"] for h in history] == [1] and history[0]["validation"]["images"] == 8
     png = np.asarray(Image.open(tmp_path / "curves.png"))
