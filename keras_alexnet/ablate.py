@@ -57,25 +57,27 @@ def standard_error(error, n):
 
 
 def table(results, ten_crop, n):
-    """The markdown table: final validation errors, train-val gap and speed per variant."""
+    """The markdown table: final (and best) validation errors, train-val gap and speed per variant."""
     base = results["baseline"][-1]["validation"]["top1_error"] if "baseline" in results else None
     se = standard_error(base if base is not None else 0.5, n)
     lines = [f"Ablation of {n} validation images, {datetime.date.today().isoformat()}; the standard error of a "
              f"top-1 error near the baseline's is {se:.1%}, so differences under {2 * se:.1%} (2 SE) are noise.",
-             "", "| variant | what | val top-1 err | val top-5 err | train-val gap | img/s | vs baseline |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| variant | what | val top-1 err | val top-5 err | best val top-1 err (epoch) | train-val gap | img/s "
+                 "| vs baseline |", "|---|---|---|---|---|---|---|---|"]
     for name, history in results.items():
         last = history[-1]
         top1 = last["validation"]["top1_error"]
         gap = top1 - last["train"]["top1_error"]
         verdict = "" if base is None or name == "baseline" else (
             f"{top1 - base:+.1%}" + (" (within noise)" if abs(top1 - base) < 2 * se else ""))
+        best = min(history, key=lambda h: h["validation"]["top1_error"])
         lines.append(f"| {name} | {VARIANTS[name][0]} | {top1:.1%} | {last['validation']['top5_error']:.1%} | "
-                     f"{gap:+.1%} | {last['images_per_second']:.1f} | {verdict} |")
+                     f"{best['validation']['top1_error']:.1%} ({best['epoch']}) | {gap:+.1%} | "
+                     f"{last['images_per_second']:.1f} | {verdict} |")
     if ten_crop is not None:
         delta = ten_crop["top1_error"] - base
         lines.append(f"| baseline, 10-crop test | 10-crop test (4.1) | {ten_crop['top1_error']:.1%} | "
-                     f"{ten_crop['top5_error']:.1%} | | | {delta:+.1%}"
+                     f"{ten_crop['top5_error']:.1%} | | | | {delta:+.1%}"
                      f"{' (within noise)' if abs(delta) < 2 * se else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -126,10 +126,10 @@ def bench_lrn(rows, shape=(128, 55, 55, 96)):
                 return tape.gradient(y, x, output_gradients=x)
             return lambda: call(x).numpy()
 
-        # _row measures calls/s x "batch size"; at 1e6 that is 1e9 / ns per call = 1e6 / ms per call.
+        # _row measures calls/s x "batch size"; at 1e6 that is 1e6 / seconds per call = 1e3 / ms per call.
         row = _row("", fwd_bwd(lrn.local_response_normalization),
                    fwd_bwd(lambda t: tf.nn.local_response_normalization(t, 2, 2.0, 1e-4, 0.75)), 10**6)
-        ours, builtin = 10**6 / row["ours"], 10**6 / row["reference"]
+        ours, builtin = 10**9 / row["ours"], 10**9 / row["reference"]
         rows.append({"what": f"LRN forward+backward {list(shape)}{', XLA' if jit else ''}: ours vs "
                              "tf.nn.local_response_normalization", "ours": round(ours, 1),
                      "reference": round(builtin, 1), "ratio": round(ours / builtin, 2),
@@ -200,14 +200,12 @@ def bench_training(rows, batch_size=128):
     labels = tf.random.uniform([batch_size], 0, 1000, tf.int32)
     one_device = [cpus[0], cpus[0]]
     reference = _single_tower_reference(1000)
-    ours_speed = None
     for jit in (False, True):
         ours = _our_step(one_device, jit, batch_size)
         row = _row(f"training, batch {batch_size}{', XLA' if jit else ''}: two towers (ours) vs single-tower "
                    "Conv2D(groups=2) + tf.nn LRN", lambda: ours(images, labels)["loss"].numpy(),
                    lambda: _tape_step(reference, jit)(images, labels).numpy(), batch_size, rounds=2)
         rows.append(row)
-        ours_speed = ours_speed or row["ours"]
     ours, builtin = _our_step(one_device, False, batch_size), _our_step(one_device, False, batch_size, True)
     plain = _tape_step(build_alexnet(1000, seed=0), False)
     rows.append(_row(f"training, batch {batch_size}: our step (MirroredStrategy, tf.gradients) vs a plain "
@@ -221,10 +219,11 @@ def bench_training(rows, batch_size=128):
         rows.append(_row(f"training, batch {batch_size}: towers on 2 logical CPUs vs both towers on one",
                          lambda: split(images, labels)["loss"].numpy(),
                          lambda: ours(images, labels)["loss"].numpy(), batch_size, rounds=2))
+    ours_speed = max(row["ours"] for row in rows if row["unit"] == "img/s" and "XLA" not in row["what"])
     gflops = _matmul_ceiling()
     ceiling = gflops / 4.35
-    rows.append({"what": f"training vs the float32 ceiling ({gflops:.0f} GFLOP/s 4096^2 matmul / 4.35 GFLOP "
-                         "per image)", "ours": ours_speed, "reference": round(ceiling, 1),
+    rows.append({"what": f"training (best row above) vs the float32 ceiling ({gflops:.0f} GFLOP/s 4096^2 "
+                         "matmul / 4.35 GFLOP per image)", "ours": ours_speed, "reference": round(ceiling, 1),
                  "ratio": round(ours_speed / ceiling, 2), "unit": "img/s"})
     return ours_speed
 
