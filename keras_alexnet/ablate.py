@@ -16,7 +16,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data, evaluate, train
+from keras_alexnet import checkpoint, data, metrics, train
 
 VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
     "baseline": ("the paper's network", {}, {}),
@@ -45,10 +45,9 @@ def ten_crop_error(model_dir, base):
     """Top-1 and top-5 error of a finished run's model with the paper's 10-crop test."""
     model, run, _ = checkpoint.restore_model(model_dir)
     source = data.load_source(base.dataset, "validation", base.data_dir, seed=base.seed)
-    dataset = data.eval_pipeline(source, base.batch_size, data.Stats.load(run.stats_path), ten_crop=True)
-    if base.eval_steps:
-        dataset = dataset.take(base.eval_steps)
-    return evaluate.evaluate(evaluate.make_eval_step(tf.distribute.get_strategy(), model), dataset)
+    dataset = data.eval_pipeline(source, base.batch_size, data.Stats.load(run.stats_path), ten_crop=True,
+                                 steps=base.eval_steps)
+    return metrics.evaluate(metrics.make_eval_step(tf.distribute.get_strategy(), model), dataset)
 
 
 def standard_error(error, n):

@@ -90,7 +90,7 @@ def bench_input_pipeline(rows, reference=None):
         return rows
     count, batch_size = 1000, 50
     full = data.load_source(str(folder), "train", val_fraction=0.0)
-    source = data.Source(full.images.take(count), full.class_names, count, full.skipped)
+    source = data.Source(full.records.take(count), full.load, full.class_names, count)
     stats, cores = data.Stats.imagenet(), len(os.sched_getaffinity(0))
 
     def one_pass(cache):

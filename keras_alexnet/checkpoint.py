@@ -5,6 +5,10 @@
       labels.txt      class names, one a line, in label order
       stats.npz       the data statistics the run subtracted (mean image, RGB eigen figures)
       checkpoints/    tf.train.CheckpointManager checkpoints: model, optimizer, step, loop state
+
+A run directory knows what it is: a resumed run must have the batch size, steps per epoch, dataset,
+classes and input size it was created with (`check_resume`), and config.json and labels.txt are
+written once, when the run is created.
 """
 import collections
 import json
@@ -29,13 +33,47 @@ def read_labels(path):
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
+# What a run is, checked when it resumes: (config.json key, what the flag is called).
+RUN_FACTS = [("batch_size", "--batch_size"), ("steps_per_epoch", "steps per epoch"), ("dataset", "--dataset"),
+             ("input_shape", "input size")]
+
+
+def check_resume(model_dir, config, class_names):
+    """Raises ValueError naming both values where `config` (as written by the trainer) or the class
+    names differ from the run's own; no-op for a new run."""
+    if not tf.io.gfile.exists(os.path.join(model_dir, CONFIG)):
+        return
+    run = read_run_files(model_dir)
+    for key, name in RUN_FACTS:
+        if key in run.config and run.config[key] != config[key]:
+            raise ValueError(f"{model_dir} was trained with {name} {run.config[key]}, not {config[key]}: "
+                             "resume with the same value, or use a new --model_dir")
+    if run.class_names != list(class_names):
+        ours, theirs = set(run.class_names), set(class_names)
+        differ = sorted(ours ^ theirs) or ["the same names in another order"]
+        raise ValueError(f"{model_dir} was trained on other classes than this dataset's "
+                         f"({', '.join(differ)}): use a new --model_dir")
+
+
+def training_checkpoint(model, optimizer, **state):
+    """The tf.train.Checkpoint of a training run: the one place that names its keys."""
+    return tf.train.Checkpoint(model=model, optimizer=optimizer,
+                               dropout_rng=[v.value for v in model.non_trainable_variables], **state)
+
+
 def write_run_files(model_dir, config, class_names, stats):
-    """Writes config.json, labels.txt and stats.npz beside the checkpoints."""
+    """Writes config.json, labels.txt and stats.npz beside the checkpoints (each to a temporary name
+    first, so a crash leaves no half-written file)."""
     tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(os.path.join(model_dir, CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    write_labels(os.path.join(model_dir, LABELS), class_names)
-    stats.save(os.path.join(model_dir, STATS))
+    for name, write in [(STATS, stats.save), (LABELS, lambda path: write_labels(path, class_names)),
+                        (CONFIG, lambda path: _write_json(path, config))]:  # config.json last: it marks a run.
+        write(os.path.join(model_dir, f".{name}.tmp"))
+        tf.io.gfile.rename(os.path.join(model_dir, f".{name}.tmp"), os.path.join(model_dir, name), overwrite=True)
+
+
+def _write_json(path, value):
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
 
 
 def read_run_files(model_dir):

@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import hashlib
 import io
+import math
 import os
 
 import numpy as np
@@ -80,15 +81,21 @@ class Stats:
             f.write(buffer.getvalue())
 
 
-Source = collections.namedtuple("Source", ["images", "class_names", "num_examples", "skipped"])
-Source.__doc__ = """A split of a dataset.
+Source = collections.namedtuple("Source", ["records", "load", "class_names", "num_examples"])
+Source.__doc__ = """A split of a dataset, in a fixed order.
 
-images: tf.data.Dataset of (uint8 [256, 256, 3] image, int32 label), in a fixed order.
+records: tf.data.Dataset of (payload, int32 label), cheap to hold and shuffle: a file path, the
+    encoded bytes, a synthetic image's index, or a decoded image.
+load: payload -> uint8 [256, 256, 3], in-graph; it fails on a bad file (`load_images` catches that).
 class_names: list of str, index = label.
-num_examples: int, or None when unknown (files that turn out corrupt are included).
-skipped: zero-argument callable, the number of distinct files found corrupt so far (they are dropped
-    as the images are decoded, so the figure is complete once a pass over the split has ended).
+num_examples: the number of records (files that turn out corrupt are included).
 """
+
+
+def array_source(images, labels, class_names):
+    """A Source over decoded uint8 [N, 256, 256, 3] images held in memory (tests, benchmarks)."""
+    records = tf.data.Dataset.from_tensor_slices((np.asarray(images, np.uint8), np.asarray(labels, np.int32)))
+    return Source(records, tf.identity, list(class_names), len(images))
 
 
 # ----------------------------------------------------------------------------- in-graph helpers
@@ -181,7 +188,8 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0):
 def _synthetic_source(split):
     if split not in synthetic.SIZES:
         raise DataError(f"synthetic has no split {split!r}; it has {', '.join(synthetic.SIZES)}")
-    return Source(synthetic.dataset(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split], lambda: 0)
+    records = tf.data.Dataset.range(synthetic.SIZES[split]).map(lambda index: (index, synthetic.label(index)))
+    return Source(records, synthetic.image_function(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split])
 
 
 def _folder_source(root, split, val_fraction, seed):
@@ -203,10 +211,9 @@ def _folder_source(root, split, val_fraction, seed):
         if not paths:
             raise DataError(f"{root}: the {split} split (val_fraction={val_fraction}) holds no images")
     order = np.random.default_rng(seed).permutation(len(paths))
-    files = tf.data.Dataset.from_tensor_slices(
+    records = tf.data.Dataset.from_tensor_slices(
         (np.array(paths, dtype=object)[order].astype(str), np.array(labels, np.int32)[order]))
-    images, skipped = _decode_files(files, len(paths), lambda path: _decode(tf.io.read_file(path)))
-    return Source(images, class_names, len(paths), skipped)
+    return Source(records, lambda path: _decode(tf.io.read_file(path)), class_names, len(paths))
 
 
 def _list_images(root):
@@ -257,116 +264,160 @@ def _tfds_source(name, split, data_dir, val_fraction):
     except (KeyError, ValueError, AssertionError):
         raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from None
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    images = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
-                                decoders={image_key: tfds.decode.SkipDecoding()})
-    images, skipped = _decode_files(images.map(lambda data, label: (data, tf.cast(label, tf.int32))),
-                                    num_examples, _decode)
-    return Source(images, list(builder.info.features[label_key].names), num_examples, skipped)
+    records = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
+    records = records.map(lambda data, label: (data, tf.cast(label, tf.int32)))
+    return Source(records, _decode, list(builder.info.features[label_key].names), num_examples)
 
 
-def _decode_files(files, count, decode):
-    """(file, label) -> (uint8 [256, 256, 3], label) for `count` files, dropping undecodable ones.
+def load_images(records, load):
+    """(index, payload, label) -> (index, uint8 [256, 256, 3] image, ok, label), in order.
 
-    A file counts as corrupt when `decode` (reading and tf.io.decode_image) fails on it: unreadable,
-    empty, not an image, a JPEG cut short (TensorFlow refuses truncated JPEGs); or when the image is
-    smaller than MIN_SIDE. Each file is decoded in a one-element dataset whose errors are ignored, so
-    a failure yields a flag instead of stopping the pipeline.
+    ok is False, and the image zeros, when `load` fails on the payload (unreadable, empty, not an
+    image, a JPEG cut short: TensorFlow refuses truncated JPEGs) or the image is smaller than
+    MIN_SIDE. Each payload is loaded in a one-element dataset whose errors are ignored, so a bad file
+    gives a flag instead of stopping the pipeline.
     """
-    with tf.device("/cpu:0"):
-        bad = tf.Variable(tf.zeros([count], tf.bool), trainable=False, name="corrupt_files")
     placeholder = tf.data.Dataset.from_tensors((tf.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8), False))
 
-    def try_decode(index, data, label):
-        image = (tf.data.Dataset.from_tensors(data).map(decode).ignore_errors()
+    def try_load(index, payload, label):
+        image = (tf.data.Dataset.from_tensors(payload).map(load).ignore_errors()
                  .filter(lambda image: tf.reduce_min(tf.shape(image)[:2]) >= MIN_SIDE)
                  .map(lambda image: (resize_and_crop(image), True)))
-        return image.concatenate(placeholder).take(1).map(lambda image, ok: (image, label, index, ok))
+        return image.concatenate(placeholder).take(1).map(lambda image, ok: (index, image, ok, label))
 
-    def keep(image, label, index, ok):
+    return records.interleave(try_load, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def decoded_images(source):
+    """(dataset of (uint8 [256, 256, 3], label) without the bad files, count of bad files so far).
+
+    The count is complete once a pass over the dataset has ended (statistics, embeddings).
+    """
+    with tf.device("/cpu:0"):
+        bad = tf.Variable(tf.zeros([source.num_examples], tf.bool), trainable=False, name="corrupt_files")
+
+    def keep(index, image, ok, label):
         bad.scatter_nd_update(index[None, None], tf.logical_not(ok)[None])
         return ok
 
-    images = (files.enumerate()
-              .interleave(lambda index, pair: try_decode(index, *pair), num_parallel_calls=AUTOTUNE,
-                          deterministic=True)
-              .filter(keep)
-              .map(lambda image, label, index, ok: (image, label)))
+    indexed = source.records.enumerate().map(lambda index, record: (index, *record))
+    images = load_images(indexed, source.load).filter(keep).map(lambda index, image, ok, label: (image, label))
     return images, lambda: int(tf.math.count_nonzero(bad))
 
 
 # ----------------------------------------------------------------------------- pipelines
+#
+# Both pipelines cut a split into *global* batches first and give each tf.distribute input pipeline
+# (one per worker) its slice of every global batch, which it splits into per-replica batches. So an
+# image's batch, and its augmentation (keyed by seed, epoch and image index), do not depend on how
+# many workers and replicas share the work: the same run on other devices is the same computation.
+# Images that fail to load keep their place with the label -1: the losses and metrics skip them.
 
-_caches = {}  # (Source.images, cache, shard) -> dataset; lives as long as the process, as sources do.
+_caches = {}  # (records, cache) -> the cached dataset; lives as long as the process, as sources do.
 
 
-def _cached(images, cache, shard):
-    """`images` sharded and cached; the same object for equal arguments, so that the cache outlives
-    one pipeline (the trainer builds a pipeline per epoch). A memory or file cache is complete, and
-    used, once a pass has read the dataset to its end."""
-    key = (images, cache, shard)
+def _records(source, cache=None):
+    """(records of (index, payload, label), loaded): with `cache`, the payloads are already loaded
+    into (image, ok) and cached in memory or in a file (filled here by one pass, so that every
+    later epoch reads it, however little of it an epoch takes)."""
+    records = source.records.enumerate().map(lambda index, record: (index, *record))
+    if not cache:
+        return records, False
+    key = (source.records, cache)
     if key not in _caches:
-        if shard[0] > 1:
-            images = images.shard(*shard)
-        if cache:
-            suffix = f".shard{shard[1]}of{shard[0]}" if shard[0] > 1 else ""
-            images = images.cache("" if cache == "memory" else cache + suffix)
-        _caches[key] = images
-    return _caches[key]
+        loaded = load_images(records, source.load).map(lambda index, image, ok, label: (index, (image, ok), label))
+        loaded = loaded.cache("" if cache == "memory" else cache)
+        loaded.reduce(0, lambda count, _: count + 1)
+        _caches[key] = loaded
+    return _caches[key], True
 
 
-def _shard(input_context, batch_size):
-    if input_context is None:
-        return (1, 0), batch_size
-    return ((input_context.num_input_pipelines, input_context.input_pipeline_id),
-            input_context.get_per_replica_batch_size(batch_size))
+def _worker_examples(batches, source, loaded, input_context, batch_size):
+    """Global batches of records -> this input pipeline's share as (index, image, ok, label)."""
+    pipelines, pipeline_id = (input_context.num_input_pipelines, input_context.input_pipeline_id) \
+        if input_context else (1, 0)
+    if batch_size % pipelines:
+        raise DataError(f"batch size {batch_size} does not split evenly over {pipelines} workers")
+    share = batch_size // pipelines
+    first = pipeline_id * share
+    records = batches.map(lambda *batch: tuple(tf.nest.map_structure(lambda t: t[first:first + share], batch)))
+    records = records.unbatch()
+    if loaded:
+        return records.map(lambda index, image_ok, label: (index, *image_ok, label))
+    return load_images(records, source.load)
 
 
-def train_pipeline(source, batch_size, stats, seed=0, pca_lighting=True, cache=None, input_context=None,
-                   shuffle_buffer=2048):
-    """Endless training batches: float32 [B, 227, 227, 3] minus the mean, int32 labels [B].
+def _replica_batch_size(input_context, batch_size):
+    return input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+
+
+def epoch_steps(num_examples, batch_size):
+    """Training steps in one epoch: every full global batch of the reshuffled split."""
+    return num_examples // batch_size
+
+
+def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, steps=None, pca_lighting=True,
+                   cache=None, input_context=None, shuffle_buffer=2048):
+    """Steps [first_step, steps) of one training epoch: float32 [b, 227, 227, 3] minus the mean, int32 [b].
 
     Section 4.1: a random 227x227 crop (all 30x30 offsets equally likely) of the 256x256 image, a
     horizontal flip with probability 0.5, and (pca_lighting) the fancy-PCA lighting change. The mean
     image is subtracted before cropping, so each crop loses its matching patch of the mean.
-    Reproducible: the order comes from a shuffle seeded by `seed`, and the randomness of the element at
-    position i of the endless stream from stateless ops keyed by (seed, i), so the same `seed` gives
-    the same batches. The stream repeats the (reshuffled) split forever: the trainer takes
-    steps_per_epoch batches per epoch; for exact resumption build a new pipeline per epoch with a
-    seed derived from the epoch and skip the batches already taken. Incomplete batches are dropped.
-    cache: None, "memory" or a file path: caches the decoded 256x256 images after the first full pass.
-    input_context: shard for tf.distribute (distribute_datasets_from_function), per-replica batches.
+    The epoch's order is a shuffle (buffer `shuffle_buffer`) seeded by (seed, epoch) and cut into
+    `steps` (default: all) global batches of `batch_size`; an image's crop, flip and lighting come
+    from stateless ops keyed by (seed, epoch, image index). So a run resumed at `first_step` sees the
+    images it had not seen yet, with the augmentation it would have had.
+    input_context: tf.distribute's (distribute_datasets_from_function): this worker's per-replica
+        batches, b = batch_size / replicas; otherwise b = batch_size.
+    cache: None, "memory" or a file path: decoded 256x256 images are kept after one pass.
     """
-    shard, batch_size = _shard(input_context, batch_size)
+    steps = epoch_steps(source.num_examples, batch_size) if steps is None else steps
     mean = tf.constant(stats.mean_image)
+    records, loaded = _records(source, cache)
+    batches = (records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
+               .batch(batch_size, drop_remainder=True).take(steps).skip(first_step))
 
-    def augment(position, image, label):
-        keys = tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), position]), 3)
+    def augment(index, image, ok, label):
+        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64), index)
+        keys = tf.random.experimental.stateless_split(key, 3)
         top, left = tf.unstack(tf.random.stateless_uniform([2], keys[0], 0, IMAGE_SIZE - CROP_SIZE + 1, tf.int32))
         image = (tf.cast(image, tf.float32) - mean)[top:top + CROP_SIZE, left:left + CROP_SIZE, :]
         if pca_lighting:
             image = _pca_lighting(image, tf.random.stateless_normal([3], keys[1], stddev=0.1), stats)
         flip = tf.random.stateless_uniform([], keys[2]) < 0.5
         image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-        return tf.ensure_shape(image, [CROP_SIZE, CROP_SIZE, 3]), label
+        return tf.ensure_shape(image, [CROP_SIZE, CROP_SIZE, 3]), tf.where(ok, label, -1)
 
-    images = _cached(source.images, cache, shard)
-    return (images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
-            .map(lambda position, pair: augment(position, *pair), num_parallel_calls=AUTOTUNE)
-            .batch(batch_size, drop_remainder=True)
+    examples = _worker_examples(batches, source, loaded, input_context, batch_size)
+    return (examples.map(augment, num_parallel_calls=AUTOTUNE)
+            .batch(_replica_batch_size(input_context, batch_size), drop_remainder=True)
             .prefetch(AUTOTUNE))
 
 
-def eval_pipeline(source, batch_size, stats, ten_crop=False, input_context=None):
-    """One pass of evaluation batches, the last one possibly short, labels int32 [B].
+def eval_steps(num_examples, batch_size):
+    """Evaluation batches that cover the whole split once (the last one padded)."""
+    return math.ceil(num_examples / batch_size)
 
-    Images are float32 minus the mean image: the centre crop [B, 227, 227, 3], or with ten_crop the
-    10-crop test of section 4.1, [B, 10, 227, 227, 3] (view order as in `ten_crop`).
+
+def eval_pipeline(source, batch_size, stats, ten_crop=False, input_context=None, steps=None, cache=None):
+    """The split once, in order: float32 images minus the mean image, int32 labels.
+
+    Images are the centre crop [b, 227, 227, 3], or with ten_crop the 10-crop test of section 4.1,
+    [b, 10, 227, 227, 3] (view order as in `ten_crop`). The last global batch is padded to full size
+    with label -1, so every replica gets a full batch and every image is counted once; `steps` caps
+    the number of global batches. cache: "memory" keeps the decoded images after one pass.
     """
-    shard, batch_size = _shard(input_context, batch_size)
     mean = tf.constant(stats.mean_image)
     crop = _ten_crop if ten_crop else center_crop
-    images = _cached(source.images, None, shard)
-    return (images.map(lambda image, label: (crop(tf.cast(image, tf.float32) - mean), label),
-                       num_parallel_calls=AUTOTUNE)
-            .batch(batch_size)
+    records, loaded = _records(source, cache if cache == "memory" else None)
+    padding = eval_steps(source.num_examples, batch_size) * batch_size - source.num_examples
+    blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), records.element_spec)
+    blank = (tf.constant(-1, tf.int64), blank[1], tf.constant(-1, tf.int32))
+    batches = records.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding)).batch(batch_size)
+    examples = _worker_examples(batches.take(steps or -1), source, loaded, input_context, batch_size)
+    return (examples.map(lambda index, image, ok, label: (crop(tf.cast(image, tf.float32) - mean),
+                                                          tf.where(ok & (label >= 0), label, -1)),
+                         num_parallel_calls=AUTOTUNE)
+            .batch(_replica_batch_size(input_context, batch_size))
             .prefetch(AUTOTUNE))

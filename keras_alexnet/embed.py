@@ -101,12 +101,12 @@ class Examples:
                 yield path, label, image
         else:
             names = self.source.class_names
-            images = self.source.images
+            images, skipped = data.decoded_images(self.source)
             if self.max_images:
                 images = images.take(self.max_images)
             for i, (image, label) in enumerate(images):
                 yield f"{self.split}/{i:06d}", names[int(label)], image
-            self.skipped = self.source.skipped()
+            self.skipped = skipped()
 
 
 def embedded_batches(features, examples, batch_size):

@@ -3,60 +3,13 @@
     python -m keras_alexnet.evaluate --model_dir runs/alexnet [--ten_crop] [--split validation]
 """
 import json
-import math
 import os
 import sys
 
-import keras
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data
-
-
-def make_eval_step(strategy, model):
-    """A tf.function summing loss and top-1/top-5 hits over the replicas.
-
-    Views of a 10-crop batch ([B, 10, 227, 227, 3]) are run as one batch and their softmax outputs
-    averaged, as the paper did.
-    """
-
-    def replica_step(images, labels):
-        if images.shape.rank == 5:
-            views = tf.shape(images)[1]
-            flat = tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0))
-            probabilities = model(flat, training=False)
-            probabilities = tf.reduce_mean(tf.reshape(probabilities, [-1, views, probabilities.shape[-1]]), 1)
-        else:
-            probabilities = model(images, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-        return {"loss": tf.reduce_sum(losses), "top1": hits(labels, probabilities, 1),
-                "top5": hits(labels, probabilities, 5), "images": tf.size(labels, tf.float32)}
-
-    @tf.function
-    def step(images, labels):
-        totals = strategy.run(replica_step, (images, labels))
-        return {k: strategy.reduce("SUM", v, axis=None) for k, v in totals.items()}
-
-    return step
-
-
-def hits(labels, probabilities, k):
-    k = min(k, probabilities.shape[-1])
-    return tf.reduce_sum(tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), probabilities, k), tf.float32))
-
-
-def evaluate(step, dataset, progress=True, batches=None):
-    """{"loss", "top1_error", "top5_error", "images"} of a `make_eval_step` step over a finite dataset."""
-    totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "images": 0.0}
-    bar = keras.utils.Progbar(batches, unit_name="batch", verbose=1 if progress else 0)
-    for images, labels in dataset:
-        for key, value in step(images, labels).items():
-            totals[key] += float(value)
-        bar.add(1)
-    n = max(totals["images"], 1.0)
-    return {"loss": totals["loss"] / n, "top1_error": 1 - totals["top1"] / n,
-            "top5_error": 1 - totals["top5"] / n, "images": int(totals["images"])}
+from keras_alexnet import checkpoint, data, metrics
 
 
 FLAGS = flags.FLAGS
@@ -82,12 +35,11 @@ def main(argv):
         sys.exit(f"error: {error}")
     stats = data.Stats.load(run.stats_path)
     strategy = tf.distribute.get_strategy()
-    eval_step = make_eval_step(strategy, model)
+    eval_step = metrics.make_eval_step(strategy, model)
     results = {}
     for name, ten_crop in [("centre crop", False)] + [("10-crop", True)] * FLAGS.ten_crop:
         dataset = data.eval_pipeline(source, FLAGS.batch_size, stats, ten_crop=ten_crop)
-        batches = source.num_examples and math.ceil(source.num_examples / FLAGS.batch_size)
-        results[name] = evaluate(eval_step, dataset, batches=batches)
+        results[name] = metrics.evaluate(eval_step, dataset, batches=data.eval_steps(source.num_examples, FLAGS.batch_size))
     print(f"\n{FLAGS.split} of {FLAGS.dataset or run.config['dataset']} at step {step}:")
     print("| test | top-1 error | top-5 error | loss | images |\n|---|---|---|---|---|")
     for name, r in results.items():

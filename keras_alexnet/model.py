@@ -106,6 +106,24 @@ class OnTower(keras.layers.Wrapper):
         return {**super().get_config(), "tower": self.tower, "tower_devices": self.tower_devices}
 
 
+@keras.saving.register_keras_serializable(package="keras_alexnet")
+class ReplicaDropout(layers.Dropout):
+    """Section 4.2's dropout with its own mask on every data-parallel replica.
+
+    Keras draws masks from a seed generator whose state the replicas share (a mirrored variable), so
+    every replica would drop the same units; the replica's index is folded into each draw's seed.
+    Still reproducible from the seed, and inverted (outputs scaled by 1 / (1 - rate) in training).
+    """
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0:
+            return inputs
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group if context else 0
+        seed = tf.random.experimental.stateless_fold_in(tf.cast(self.seed_generator.next(), tf.int64), replica)
+        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed)
+
+
 def _initializers(init, name, seed):
     """(kernel, bias) initializers of layer `name` ("conv1", ..., "fc8") under scheme `init`."""
     if init not in INITS:
@@ -168,7 +186,7 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
         return inputs[0] if len(inputs) == 1 else on(tower, layers.Concatenate(name=name))(inputs)
 
     def dropout(name, tower):
-        return on(tower, layers.Dropout(dropout_rate, seed=next_seed(), name=name))
+        return on(tower, ReplicaDropout(dropout_rate, seed=next_seed(), name=name))
 
     images = keras.Input(INPUT_SHAPE, name="images")
     x = {}

@@ -58,7 +58,7 @@ def main(argv):
     del argv
     try:
         source = data.load_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
-        images, total = source.images, source.num_examples
+        (images, skipped), total = data.decoded_images(source), source.num_examples
         if FLAGS.max_images:
             images, total = images.take(FLAGS.max_images), min(total or FLAGS.max_images, FLAGS.max_images)
         stats = compute_stats(images, total, FLAGS.batch_size)
@@ -66,7 +66,7 @@ def main(argv):
     except (data.DataError, FileNotFoundError, tf.errors.OpError) as error:
         print(f"error: {getattr(error, 'message', error)}", file=sys.stderr)
         sys.exit(1)
-    print(f"{source.skipped()} corrupt files skipped; wrote {FLAGS.output}: channel mean "
+    print(f"{skipped()} corrupt files skipped; wrote {FLAGS.output}: channel mean "
           f"{np.round(stats.channel_mean, 2).tolist()}, eigenvalues {np.round(stats.eigenvalues, 4).tolist()}")
 
 

@@ -18,15 +18,17 @@ _SPLIT_SEEDS = {"train": 1, "validation": 2}
 _SIZE = 256
 
 
-def dataset(split):
-    """(uint8 [256, 256, 3] image, int32 label) for SIZES[split] images, labels cycling 0..9."""
-    split_seed = _SPLIT_SEEDS[split]
-    return tf.data.Dataset.range(SIZES[split]).map(lambda index: _example(split_seed, index),
-                                                   num_parallel_calls=tf.data.AUTOTUNE)
+def label(index):
+    """The class of image `index`: the labels cycle through 0..9."""
+    return tf.cast(index % len(CLASS_NAMES), tf.int32)
 
 
-def _example(split_seed, index):
-    label = tf.cast(index % len(CLASS_NAMES), tf.int32)
+def image_function(split):
+    """index -> uint8 [256, 256, 3]: the images of `split` (SIZES[split] of them)."""
+    return lambda index: _image(_SPLIT_SEEDS[split], index)
+
+
+def _image(split_seed, index):
     key = tf.stack([tf.constant(split_seed, tf.int64), index])
     uniform = tf.random.stateless_uniform([12], key)
     background, foreground = uniform[0:3], uniform[3:6]
@@ -56,9 +58,9 @@ def _example(split_seed, index):
         lambda: patch & ((phase_u < 0.5) != (phase_v < 0.5)),
         lambda: patch & ((phase_u - 0.5) ** 2 + (phase_v - 0.5) ** 2 < 0.09),
     ]
-    mask = tf.cast(tf.switch_case(label, masks), tf.float32)[..., None]
+    mask = tf.cast(tf.switch_case(label(index), masks), tf.float32)[..., None]
     image = background * (1.0 - mask) + foreground * mask
     gradient = (uniform[11] - 0.5) * 0.4 * (rows / _SIZE - 0.5)[..., None]
     noise = 0.2 * (tf.random.stateless_uniform([_SIZE, _SIZE, 3], key + 1) - 0.5)  # Cheaper than normal.
     image = tf.clip_by_value(image + gradient + noise, 0.0, 1.0)
-    return tf.cast(tf.round(image * 255.0), tf.uint8), label
+    return tf.cast(tf.round(image * 255.0), tf.uint8)

@@ -32,13 +32,18 @@ def zero_stats(mean_image=None):
 def constant_source(images, labels=None):
     """A Source over given uint8 [256, 256, 3] arrays, labels = position unless given."""
     labels = np.arange(len(images), dtype=np.int32) if labels is None else np.asarray(labels, np.int32)
-    return data.Source(tf.data.Dataset.from_tensor_slices((np.stack(images), labels)), ["x"], len(images),
-                       lambda: 0)
+    return data.array_source(np.stack(images), labels, ["x"])
 
 
-def collect(dataset, batches):
+def collect(dataset, batches=-1):
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in dataset.take(batches)])
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def epochs(source, batch_size, stats, count, **kwargs):
+    """The batches of `count` training epochs, concatenated."""
+    parts = [collect(data.train_pipeline(source, batch_size, stats, epoch=e, **kwargs)) for e in range(count)]
+    return tuple(np.concatenate(part) for part in zip(*parts))
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +151,7 @@ def coordinate_batches(coordinates):
     a view is half the coordinates, if the mean was cropped at the image's offset."""
     source = constant_source([coordinates] * 64)
     stats = zero_stats(coordinates / 2)
-    return collect(data.train_pipeline(source, 64, stats, seed=3, pca_lighting=False), 20)
+    return epochs(source, 64, stats, 20, seed=3, pca_lighting=False)
 
 
 def test_train_batches_shape_dtype(coordinate_batches):
@@ -175,8 +180,8 @@ def test_random_crops_cover_exactly_the_30x30_offsets(coordinates, coordinate_ba
 def test_lighting_moves_each_image_by_one_vector(coordinates):
     stats = data.Stats.imagenet()
     source = constant_source([coordinates] * 8)
-    plain, _ = collect(data.train_pipeline(source, 8, stats, seed=4, pca_lighting=False), 2)
-    lit, _ = collect(data.train_pipeline(source, 8, stats, seed=4, pca_lighting=True), 2)
+    plain, _ = epochs(source, 8, stats, 2, seed=4, pca_lighting=False)
+    lit, _ = epochs(source, 8, stats, 2, seed=4, pca_lighting=True)
     shifts = (lit - plain).reshape(len(lit), -1, 3)
     np.testing.assert_allclose(shifts, shifts[:, :1].repeat(shifts.shape[1], 1), atol=1e-3)
     weights = shifts[:, 0] @ stats.eigenvectors / (255 * stats.eigenvalues)  # = alpha_i ~ N(0, 0.1)
@@ -188,29 +193,39 @@ def test_same_seed_same_batches_other_seed_differs():
     rng = np.random.default_rng(6)
     source = constant_source(list(rng.integers(0, 256, (40, 256, 256, 3), dtype=np.uint8)))
     stats = data.Stats.imagenet()
-    first = collect(data.train_pipeline(source, 16, stats, seed=1, shuffle_buffer=16), 6)
-    again = collect(data.train_pipeline(source, 16, stats, seed=1, shuffle_buffer=16), 6)
-    other = collect(data.train_pipeline(source, 16, stats, seed=2, shuffle_buffer=16), 6)
+    first = epochs(source, 16, stats, 3, seed=1, shuffle_buffer=16)
+    again = epochs(source, 16, stats, 3, seed=1, shuffle_buffer=16)
+    other = epochs(source, 16, stats, 3, seed=2, shuffle_buffer=16)
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[1], other[1]) and not np.allclose(first[0], other[0])
-    # It repeats: 6 batches of 16 from 40 images, every image in each of the first two passes.
-    assert np.all(np.bincount(first[1][:80], minlength=40) == 2)
+    # An epoch is 2 full batches of 16 of the 40 images: 32 distinct images, a new order each epoch.
+    assert first[1].shape == (96,)
+    for epoch in first[1].reshape(3, 32):
+        assert len(set(epoch)) == 32
+    assert not np.array_equal(first[1][:32], first[1][32:64])
 
 
 def test_cache_gives_the_same_batches_and_shards(tmp_path):
     rng = np.random.default_rng(7)
     source = constant_source(list(rng.integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)))
     stats = data.Stats.imagenet()
-    plain = collect(data.train_pipeline(source, 8, stats, seed=5, shuffle_buffer=8), 6)
+    plain = epochs(source, 8, stats, 2, seed=5, shuffle_buffer=8)
     for cache in ["memory", str(tmp_path / "cache")]:
         for _ in range(2):  # Second round reads the completed cache.
-            cached = collect(data.train_pipeline(source, 8, stats, seed=5, shuffle_buffer=8, cache=cache), 6)
+            cached = epochs(source, 8, stats, 2, seed=5, shuffle_buffer=8, cache=cache)
             np.testing.assert_array_equal(cached[0], plain[0])
     assert list(tmp_path.glob("cache*.index"))
-    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
-    images, labels = collect(data.train_pipeline(source, 16, stats, input_context=context), 3)
-    assert images.shape[0] == 3 * 4 and set(labels) == set(range(1, 24, 2))
+    # Two workers of two replicas each: worker w gets the w-th half of every global batch of 16,
+    # as two per-replica batches of 4, the same images with the same augmentation.
+    whole = collect(data.train_pipeline(source, 16, stats, seed=5))
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=4)
+        batches = list(data.train_pipeline(source, 16, stats, seed=5, input_context=context))
+        assert [b[0].shape[0] for b in batches] == [4, 4]
+        images, labels = collect(data.train_pipeline(source, 16, stats, seed=5, input_context=context))
+        np.testing.assert_array_equal(labels, whole[1][8 * worker:8 * worker + 8])
+        np.testing.assert_array_equal(images, whole[0][8 * worker:8 * worker + 8])
 
 
 # ----------------------------------------------------------------------------- evaluation pipeline
@@ -221,11 +236,12 @@ def test_eval_pipeline_centre_and_ten_crop():
     mean = rng.uniform(0, 255, (256, 256, 3)).astype(np.float32)
     source = constant_source(list(raw))
     batches = list(data.eval_pipeline(source, 2, zero_stats(mean)))
-    assert [b[0].shape for b in batches] == [(2, 227, 227, 3)] * 2 + [(1, 227, 227, 3)]
-    images = np.concatenate([b[0] for b in batches])
+    assert [b[0].shape for b in batches] == [(2, 227, 227, 3)] * 3  # The last one padded ...
+    assert list(np.concatenate([b[1] for b in batches])) == [0, 1, 2, 3, 4, -1]  # ... with label -1.
+    images = np.concatenate([b[0] for b in batches])[:5]
     np.testing.assert_allclose(images, (raw - mean)[:, 14:241, 14:241], atol=1e-4)
     ten = np.concatenate([b[0] for b in data.eval_pipeline(source, 3, zero_stats(mean), ten_crop=True)])
-    assert ten.shape == (5, 10, 227, 227, 3) and ten.dtype == np.float32
+    assert ten.shape == (6, 10, 227, 227, 3) and ten.dtype == np.float32
     np.testing.assert_allclose(ten[4, 2], (raw[4] - mean)[:227, 29:], atol=1e-4)
     np.testing.assert_allclose(ten[4, 7], (raw[4] - mean)[:227, 29:][:, ::-1], atol=1e-4)
 
@@ -236,21 +252,22 @@ def test_folder_source_skips_and_counts_corrupt_files(image_folder):
     root, good, corrupt = image_folder
     train = data.load_source(str(root), "train", val_fraction=0.0)
     assert train.class_names == ["ant", "bee", "cat"] and train.num_examples == good + corrupt
-    assert train.skipped() == 0
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in train.images])
-    assert len(images) == good and train.skipped() == corrupt
+    decoded, skipped = data.decoded_images(train)
+    assert skipped() == 0
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in decoded])
+    assert len(images) == good and skipped() == corrupt
     assert all(x.shape == (256, 256, 3) and x.dtype == np.uint8 for x in images)
     assert sorted(np.bincount(labels)) == [4, 4, 4]
-    list(train.images)  # A second pass does not count the same files again.
-    assert train.skipped() == corrupt
+    list(decoded)  # A second pass does not count the same files again.
+    assert skipped() == corrupt
     grey = [x for x, y in zip(images, labels) if y == 2 and np.array_equal(x[..., 0], x[..., 1])]
     assert grey and np.array_equal(grey[0][..., 0], grey[0][..., 2])  # cat/img1: a greyscale JPEG.
 
 
 def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
     root, good, _ = image_folder
-    digests = lambda split, seed: {x.tobytes() for x, _ in data.load_source(
-        str(root), split, val_fraction=0.5, seed=seed).images.as_numpy_iterator()}
+    digests = lambda split, seed: {x.tobytes() for x, _ in data.decoded_images(data.load_source(
+        str(root), split, val_fraction=0.5, seed=seed))[0].as_numpy_iterator()}
     train, val = digests("train", 0), digests("val", 0)
     assert len(train) + len(val) == good and train.isdisjoint(val) and min(len(train), len(val)) > 0
     assert digests("validation", 7) == val  # The seed orders the files; it does not move them.
@@ -280,10 +297,10 @@ def test_clear_errors(tmp_path, image_folder):
 def test_synthetic_is_deterministic_balanced_and_varied():
     assert synthetic.SIZES == {"train": 2560, "validation": 512}
     source = data.load_source("synthetic", "train")
-    assert source.num_examples == 2560 and len(source.class_names) == 10 and source.skipped() == 0
-    first = list(source.images.take(20).as_numpy_iterator())
-    again = list(data.load_source("synthetic", "train").images.take(20).as_numpy_iterator())
-    val = list(data.load_source("synthetic", "val").images.take(20).as_numpy_iterator())
+    assert source.num_examples == 2560 and len(source.class_names) == 10
+    first = list(data.decoded_images(source)[0].take(20).as_numpy_iterator())
+    again = list(data.decoded_images(data.load_source("synthetic", "train"))[0].take(20).as_numpy_iterator())
+    val = list(data.decoded_images(data.load_source("synthetic", "val"))[0].take(20).as_numpy_iterator())
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again))
     assert not any(np.array_equal(a[0], b[0]) for a, b in zip(first, val))
     assert [y for _, y in first] == list(range(10)) * 2
@@ -311,8 +328,9 @@ def test_real_jpegs_from_the_shared_folder():
 
 def test_stats_match_numpy(image_folder):
     source = data.load_source(str(image_folder[0]), "train", val_fraction=0.0)
-    images = np.stack([x for x, _ in source.images.as_numpy_iterator()]).astype(np.float64)
-    stats = stats_cli.compute_stats(source.images, source.num_examples, batch_size=5)
+    decoded, _ = data.decoded_images(source)
+    images = np.stack([x for x, _ in decoded.as_numpy_iterator()]).astype(np.float64)
+    stats = stats_cli.compute_stats(decoded, source.num_examples, batch_size=5)
     np.testing.assert_allclose(stats.mean_image, images.mean(0), rtol=1e-5, atol=1e-3)
     pixels = images.reshape(-1, 3) / 255
     np.testing.assert_allclose(stats.channel_mean, pixels.mean(0) * 255, rtol=1e-5)
@@ -378,7 +396,7 @@ def test_tfds_source_decodes_and_holds_out_validation(tmp_path):
     train, val = (data.load_source("alexnet_test_images", split, data_dir=str(tmp_path)) for split in ["train", "val"])
     assert train.class_names == ["dark", "light"] and (train.num_examples, val.num_examples) == (18, 2)
     for source in (train, val):
-        for image, label in source.images.as_numpy_iterator():
+        for image, label in data.decoded_images(source)[0].as_numpy_iterator():
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and label.dtype == np.int32
             assert np.all(image == (220 if label else 30))
     assert data.load_source("alexnet_test_images", "train[:50%]", data_dir=str(tmp_path)).num_examples == 10

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import checkpoint, data, evaluate
+from keras_alexnet import checkpoint, data, evaluate, metrics
 from keras_alexnet.model import build_alexnet
 
 CLASSES = ["blue", "green", "red"]
@@ -39,7 +39,7 @@ def expected_errors(model, root, ten_crop):
     """Top-1/top-5 errors computed with numpy from the model's outputs on each image's views."""
     source = data.load_source(str(root / "data"), "validation")
     top1 = top5 = n = 0
-    for image, label in source.images:
+    for image, label in data.decoded_images(source)[0]:
         views = (data.ten_crop if ten_crop else lambda x: data.center_crop(x)[None])(
             tf.cast(image, tf.float32) - data.Stats.imagenet().mean_image)
         probabilities = model(views, training=False).numpy().mean(0)
@@ -72,8 +72,17 @@ def test_evaluate_cli_bad_run_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a training run: it has no config.json"
 
 
-def test_hits_counts_top_k():
-    probabilities = tf.constant([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
-    labels = tf.constant([2, 0])
-    assert float(evaluate.hits(labels, probabilities, 1)) == 1.0
-    assert float(evaluate.hits(labels, probabilities, 2)) == 2.0
+def test_totals_count_top_k_and_skip_label_minus_one():
+    probabilities = tf.constant([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    loss, top1, top5, images = metrics.totals(tf.constant([2, 0, -1]), probabilities).numpy()
+    assert (top1, top5, images) == (1, 2, 2)
+    np.testing.assert_allclose(loss, -np.log(0.2) - np.log(0.5), rtol=1e-6)
+    ranks = metrics.label_rank(tf.constant([2, 0, 1]), probabilities).numpy()
+    assert list(ranks) == [1, 0, 2]  # Row 3: class 2 scores higher and class 0 ties: both count.
+
+
+def test_ties_are_misses():
+    """Outputs that are all equal must score 100% error, not 0% (tf.math.in_top_k calls a tie a hit)."""
+    summed = metrics.totals(tf.constant([0, 3, 5, 9]), tf.fill([4, 10], 0.1))
+    errors = metrics.errors(summed.numpy())
+    assert errors["top1_error"] == 1.0 and errors["top5_error"] == 1.0 and errors["images"] == 4

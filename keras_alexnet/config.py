@@ -1,0 +1,106 @@
+"""The configuration of a training run: one dataclass whose fields are the command-line flags.
+
+Section 5's recipe is every default but one (`init`, see Config). ablate, bench and the tests build
+a Config directly; `python -m keras_alexnet.train` builds it from its flags.
+"""
+import dataclasses
+import typing
+
+import tensorflow as tf
+from absl import flags
+
+from keras_alexnet.model import INITS
+
+FLAGS = flags.FLAGS
+
+
+def option(default, help, choices=None):
+    """A Config field that is also a command-line flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run depends on: one flag per field, written to config.json beside the checkpoints.
+
+    Section 5's recipe is the default, except `init`: the paper's biases of 1 leave small datasets at
+    chance (README, "Training on your own images"), so Caffe's fillers are; --init=paper restores it.
+    """
+    dataset: str = option("synthetic", "'synthetic' (built-in, offline), a folder of class folders, "
+                          "or a TFDS name such as imagenet2012 or imagenette/320px-v2.")
+    data_dir: str | None = option(None, "TFDS data directory (manual_dir for imagenet2012 lives below it).")
+    model_dir: str = option("runs/alexnet", "Checkpoints, TensorBoard logs, labels.txt, config.json.")
+    batch_size: int = option(128, "Global batch size (section 5: 128).")
+    epochs: int = option(90, "Epochs to train (section 5: roughly 90).")
+    steps_per_epoch: int | None = option(None, "Cap on steps per epoch; default: one pass over the split.")
+    eval_steps: int | None = option(None, "Cap on validation batches per epoch; default: the whole split.")
+    learning_rate: float = option(0.01, "Initial learning rate epsilon (section 5: 0.01).")
+    momentum: float = option(0.9, "Momentum (section 5: 0.9).")
+    weight_decay: float = option(5e-4, "L2 weight decay inside the momentum update (section 5: 0.0005).")
+    decay_biases: bool = option(False, "Apply weight decay to biases too (section 5 says 'weights').")
+    warmup_epochs: int = option(0, "Linear learning-rate warm-up over this many epochs (not in the paper).")
+    lr_patience: int = option(2, "Epochs without a better validation error before lr /= 10 (the paper "
+                              "gives no number).")
+    max_lr_drops: int = option(3, "How often the learning rate may be divided by 10 (section 5: 3).")
+    init: str = option("caffe", "Initialisation: paper (section 5), caffe (bvlc_alexnet), glorot.", list(INITS))
+    dropout_rate: float = option(0.5, "Dropout after fc6 and fc7 (section 4.2).")
+    towers_per_replica: int = option(2, "2: the paper's two towers on two devices per replica; 1: every "
+                                     "device is a replica running both towers.")
+    cpu_devices: int = option(0, "Split the CPU into this many logical devices (0: leave it).")
+    mixed_precision: str = option("off", "Keras mixed-precision policy (mixed_float16 adds loss scaling).",
+                                  ["off", "mixed_float16", "mixed_bfloat16"])
+    jit_compile: bool = option(False, "Compile each replica's forward and backward pass with XLA.")
+    seed: int = option(0, "Seed of the initial weights, dropout and augmentation.")
+    deterministic: bool = option(False, "Deterministic kernels: a resumed run ends as an uninterrupted one.")
+    checkpoint_every: int = option(500, "Save a checkpoint every this many steps (and at each epoch end).")
+    steps_per_loop: int = option(10, "Steps run inside one tf.function before the host reads the metrics, "
+                                 "updates the progress and checks for SIGTERM (as TF Model Garden's Orbit).")
+    stuck_steps: int = option(300, "A run whose training loss stays at chance for 3 epochs is stopped once "
+                              "it has taken this many steps (0: never stop it).")
+    stats: str | None = option(None, ".npz from keras_alexnet.stats; default: ImageNet's means and eigen "
+                               "figures.")
+    pca_lighting: bool = option(True, "Fancy-PCA lighting augmentation (section 4.1).")
+    shuffle_buffer: int = option(2048, "Images in the shuffle buffer (192 KiB each).")
+    cache: str | None = option(None, "Cache decoded 256x256 images: 'memory' or a file path.")
+    export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends.")
+    model: dict = dataclasses.field(default_factory=dict)  # Extra build_alexnet arguments (ablations).
+
+    def validate(self):
+        positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every", "shuffle_buffer", "steps_per_loop"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ["steps_per_epoch", "eval_steps"]:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ["weight_decay", "warmup_epochs", "lr_patience", "max_lr_drops", "cpu_devices", "stuck_steps"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.towers_per_replica not in (1, 2):
+            raise ValueError(f"--towers_per_replica must be 1 or 2, got {self.towers_per_replica}")
+        if self.stats and not tf.io.gfile.exists(self.stats):
+            raise ValueError(f"--stats file {self.stats} does not exist")
+        return self
+
+
+def define_flags():
+    """One absl flag per Config field, with its default and help."""
+    define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              bool: flags.DEFINE_boolean}
+    for field in dataclasses.fields(Config):
+        if "help" not in field.metadata:
+            continue
+        kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+        if field.metadata["choices"]:
+            flags.DEFINE_enum(field.name, field.default, field.metadata["choices"], field.metadata["help"])
+        else:
+            define[kind](field.name, field.default, field.metadata["help"])
+
+
+def config_from_flags():
+    return Config(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)
+                     if f.name in FLAGS}).validate()

@@ -1,0 +1,71 @@
+"""The loss and the top-1 / top-5 error of section 6, shared by the training and evaluation steps.
+
+Labels of -1 mark padding and images that failed to load: they add nothing to any sum.
+"""
+import keras
+import tensorflow as tf
+
+TOTALS = ("loss", "top1", "top5", "images")  # Sums over images; `errors` turns them into rates.
+
+
+def label_rank(labels, probabilities):
+    """How many other classes score at least as high as the label: a tie counts against the label,
+    so outputs that are all equal rank every label last, not first."""
+    label_score = tf.gather(probabilities, tf.maximum(labels, 0), batch_dims=1)
+    return tf.reduce_sum(tf.cast(probabilities >= label_score[:, None], tf.int32), -1) - 1
+
+
+def totals(labels, probabilities):
+    """float32 [4]: the summed loss, top-1 hits, top-5 hits and image count of a batch (TOTALS)."""
+    labels = tf.cast(labels, tf.int32)
+    valid = labels >= 0
+    probabilities = tf.cast(probabilities, tf.float32)
+    losses = keras.losses.sparse_categorical_crossentropy(tf.maximum(labels, 0), probabilities)
+    rank = label_rank(labels, probabilities)
+
+    def count(condition):
+        return tf.reduce_sum(tf.cast(condition & valid, tf.float32))
+
+    return tf.stack([tf.reduce_sum(tf.where(valid, losses, 0.0)), count(rank < 1), count(rank < 5),
+                     count(valid)])
+
+
+def errors(summed):
+    """{"loss", "top1_error", "top5_error", "images"} from summed `totals` (numpy or a list)."""
+    loss, top1, top5, images = (float(x) for x in summed)
+    n = max(images, 1.0)
+    return {"loss": loss / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n, "images": int(images)}
+
+
+def make_eval_step(strategy, model):
+    """A tf.function: the `totals` of a distributed batch, summed over the replicas.
+
+    Views of a 10-crop batch ([B, 10, 227, 227, 3]) are run as one batch and their softmax outputs
+    averaged, as the paper did (section 4.1).
+    """
+
+    def replica_step(images, labels):
+        if images.shape.rank == 5:
+            views = tf.shape(images)[1]
+            flat = tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0))
+            probabilities = model(flat, training=False)
+            probabilities = tf.reduce_mean(tf.reshape(probabilities, [-1, views, probabilities.shape[-1]]), 1)
+        else:
+            probabilities = model(images, training=False)
+        return totals(labels, probabilities)
+
+    @tf.function
+    def step(images, labels):
+        return strategy.reduce("SUM", strategy.run(replica_step, (images, labels)), axis=None)
+
+    return step
+
+
+def evaluate(step, dataset, progress=True, batches=None):
+    """The `errors` of a `make_eval_step` step over a finite (distributed) dataset."""
+    summed = tf.zeros([len(TOTALS)])
+    bar = keras.utils.Progbar(batches, unit_name="batch", verbose=1 if progress else 0)
+    for images, labels in dataset:
+        summed += step(images, labels)
+        bar.add(1)
+    return errors(summed.numpy())
