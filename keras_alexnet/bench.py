@@ -5,6 +5,7 @@ ratios, not absolute figures across machines. Each bench_* function appends rows
 {what, ours, reference, ratio, unit}.
 """
 import datetime
+import json
 import os
 import platform
 import tempfile
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_alexnet import data, export, lrn, train
+from keras_alexnet.config import Config
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -169,14 +171,22 @@ def _tape_step(model, jit):
     return step
 
 
-def _our_step(devices, jit, batch_size, builtin_lrn=False):
-    """Our training step (train.make_train_step) on one replica with towers on `devices`."""
-    strategy = tf.distribute.MirroredStrategy(devices[:1])
+def _new_strategy(devices):
+    # Strategies of one process must not share collective group keys (as TensorFlow's own tests).
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _our_step(devices, jit, batch_size, builtin_lrn=False, plan=None):
+    """Our training step (train.make_train_step) on one replica with towers on `devices`, or on the
+    replicas of `plan` ({replica device: [tower A, tower B]})."""
+    plan = plan or {devices[0]: devices}
+    strategy = _new_strategy(list(plan))
     with strategy.scope():
-        model = build_alexnet(1000, tower_devices={devices[0]: devices}, seed=0)
+        model = build_alexnet(1000, tower_devices=plan, seed=0)
         optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
         optimizer.build(model.trainable_variables)
-    step = train.make_train_step(strategy, model, optimizer, train.Config(batch_size=batch_size, jit_compile=jit))
+    step = train.make_train_step(strategy, model, optimizer, Config(batch_size=batch_size, jit_compile=jit))
     if builtin_lrn:  # The same model and step with the built-in LRN op.
         original = lrn.local_response_normalization
         lrn.local_response_normalization = lambda t, *args: tf.nn.local_response_normalization(t, *args)
@@ -202,23 +212,27 @@ def bench_training(rows, batch_size=128):
     reference = _single_tower_reference(1000)
     for jit in (False, True):
         ours = _our_step(one_device, jit, batch_size)
+        reference_step = _tape_step(reference, jit)  # Built once: a rebuilt step times tracing.
         row = _row(f"training, batch {batch_size}{', XLA' if jit else ''}: two towers (ours) vs single-tower "
-                   "Conv2D(groups=2) + tf.nn LRN", lambda: ours(images, labels)["loss"].numpy(),
-                   lambda: _tape_step(reference, jit)(images, labels).numpy(), batch_size, rounds=2)
+                   "Conv2D(groups=2) + tf.nn LRN", lambda: ours(images, labels)[0].numpy(),
+                   lambda: reference_step(images, labels).numpy(), batch_size, rounds=2)
         rows.append(row)
     ours, builtin = _our_step(one_device, False, batch_size), _our_step(one_device, False, batch_size, True)
     plain = _tape_step(build_alexnet(1000, seed=0), False)
     rows.append(_row(f"training, batch {batch_size}: our step (MirroredStrategy, tf.gradients) vs a plain "
-                     "GradientTape step of the same model", lambda: ours(images, labels)["loss"].numpy(),
+                     "GradientTape step of the same model", lambda: ours(images, labels)[0].numpy(),
                      lambda: plain(images, labels).numpy(), batch_size, rounds=2))
     rows.append(_row(f"training, batch {batch_size}: our LRN vs tf.nn LRN in the same two-tower model",
-                     lambda: ours(images, labels)["loss"].numpy(), lambda: builtin(images, labels)["loss"].numpy(),
+                     lambda: ours(images, labels)[0].numpy(), lambda: builtin(images, labels)[0].numpy(),
                      batch_size, rounds=2))
-    if len(cpus) >= 2:
-        split = _our_step(cpus[:2], False, batch_size)
-        rows.append(_row(f"training, batch {batch_size}: towers on 2 logical CPUs vs both towers on one",
-                         lambda: split(images, labels)["loss"].numpy(),
-                         lambda: ours(images, labels)["loss"].numpy(), batch_size, rounds=2))
+    split = _our_step(cpus[:2], False, batch_size)
+    rows.append(_row(f"training, batch {batch_size}: towers on 2 logical CPUs vs both towers on one",
+                     lambda: split(images, labels)[0].numpy(),
+                     lambda: ours(images, labels)[0].numpy(), batch_size, rounds=2))
+    replicas = _our_step(None, False, batch_size, plan={cpus[0]: cpus[0:4:2], cpus[1]: cpus[1:4:2]})
+    rows.append(_row(f"training, batch {batch_size}: 2 replicas x 2 towers vs 1 replica x 2 towers, 4 logical "
+                     "CPUs on the same cores (the ratio is the overhead)", lambda: replicas(images, labels)[0].numpy(),
+                     lambda: split(images, labels)[0].numpy(), batch_size, rounds=2))
     ours_speed = max(row["ours"] for row in rows
                      if row["what"].startswith("training, batch") and "XLA" not in row["what"])
     gflops = _matmul_ceiling()
@@ -227,6 +241,37 @@ def bench_training(rows, batch_size=128):
                          "matmul / 4.35 GFLOP per image)", "ours": ours_speed, "reference": round(ceiling, 1),
                  "ratio": round(ours_speed / ceiling, 2), "unit": "img/s"})
     return ours_speed
+
+
+def bench_loop(rows, batch_size=64, steps=24):
+    """The whole training loop (train.train on ImageNette held in memory) against its bare step.
+
+    The loop's img/s is what its progress line reports: the steps of the epoch after the first loop
+    (which traces), with the input pipeline, the host's reads and the summaries, without the
+    epoch-end validation. The bare step runs on one fixed batch. Target: ratio >= 0.95.
+    """
+    folder = SHARED_DATA / "imagenette2_224_subset"
+    if not folder.is_dir():
+        print(f"skipped the loop rows: {folder} not found")
+        return rows
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    images = tf.random.normal([batch_size, *INPUT_SHAPE], stddev=50.0)
+    labels = tf.random.uniform([batch_size], 0, 10, tf.int32)
+    bare = _our_step(cpus[:2], False, batch_size)
+    bare(images, labels)  # Traces.
+    bare_speed = max(_images_per_second(lambda: bare(images, labels)[0].numpy(), batch_size, seconds=5)
+                     for _ in range(2))
+    for loop in (1, 10):
+        with tempfile.TemporaryDirectory() as model_dir:
+            config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
+                            eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
+            train.train(config, _new_strategy(cpus[:1]), {cpus[0]: cpus[:2]})
+            with open(os.path.join(model_dir, train.HISTORY)) as f:
+                speed = [json.loads(line) for line in f][-1]["images_per_second"]
+        rows.append({"what": f"training loop, batch {batch_size}, --steps_per_loop={loop} (ImageNette in memory) "
+                             "vs its bare step on a fixed batch", "ours": round(speed, 1),
+                     "reference": round(bare_speed, 1), "ratio": round(speed / bare_speed, 2), "unit": "img/s"})
+    return rows
 
 
 def cpu_model():
@@ -247,12 +292,13 @@ def _run(bench, *args):
 
 
 def main():
-    cpu = tf.config.list_physical_devices("CPU")[0]  # Two logical CPUs: the cost of the tower split.
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    cpu = tf.config.list_physical_devices("CPU")[0]  # Logical CPUs: the cost of towers and replicas.
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
     rows = []
     _run(bench_lrn, rows)
     training_speed = _run(bench_training, rows)
     _run(bench_input_pipeline, rows, training_speed)
+    _run(bench_loop, rows)
     _run(bench_export, rows)
     print(f"\n{cpu_model()}, {len(os.sched_getaffinity(0))} cores; TensorFlow {tf.__version__}, "
           f"Keras {keras.__version__}; {datetime.date.today().isoformat()}\n")

@@ -289,6 +289,13 @@ def load_images(records, load):
     return records.interleave(try_load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
+def has_readable_image(source):
+    """True once one image of `source` loads: reads only as far as the first good file."""
+    indexed = source.records.enumerate().map(lambda index, record: (index, *record))
+    readable = load_images(indexed, source.load).filter(lambda index, image, ok, label: ok)
+    return any(True for _ in readable.take(1))
+
+
 def decoded_images(source):
     """(dataset of (uint8 [256, 256, 3], label) without the bad files, count of bad files so far).
 

@@ -44,9 +44,11 @@ class Progress:
     how long it will take, then the running metrics: a bar on a terminal, a line per update elsewhere.
     """
 
-    def __init__(self, title, total_steps, done, batch_size, learning_rate):
+    def __init__(self, title, total_steps, done, batch_size, learning_rate, traced=False):
+        """traced: the step function is traced already, so the first loop can be timed too."""
         self.title, self.total, self.batch_size = title, total_steps, batch_size
-        self.images, self.speed, self._started, self._timed_from = 0, 0.0, None, done
+        self.images, self.speed, self._timed_from = 0, 0.0, done
+        self._started = time.perf_counter() if traced else None
         print(f"{title}: {total_steps - done} steps of {batch_size} images, learning rate {learning_rate:.2g}"
               + (f" (resumed after step {done})" if done else ""), flush=True)
         self._bar = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "top1_err", "top5_err", "img/s"]) \

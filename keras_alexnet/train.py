@@ -178,6 +178,9 @@ def check_trainable(train_source, config, replicas):
     if train_source.num_examples < config.batch_size:
         raise data.DataError(f"{config.dataset} has {train_source.num_examples} training images, fewer than one "
                              f"batch of {config.batch_size}: lower --batch_size")
+    if not data.has_readable_image(train_source):
+        raise data.DataError(f"{config.dataset}: no training image could be read (all {train_source.num_examples} "
+                             "files are corrupt, empty or not images)")
     if config.batch_size % replicas:
         raise ValueError(f"--batch_size {config.batch_size} does not split evenly over {replicas} replicas")
 
@@ -265,7 +268,8 @@ def train(config, strategy, plan):
                 steps=steps_per_epoch, pca_lighting=config.pca_lighting, cache=config.cache, input_context=ctx,
                 shuffle_buffer=config.shuffle_buffer)))
         progress = summaries.Progress(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, done,
-                                      config.batch_size, float(optimizer.learning_rate))
+                                      config.batch_size, float(optimizer.learning_rate),
+                                      traced=train_loop.experimental_get_tracing_count() > 0)
         summed = np.zeros(len(metrics.TOTALS))
         while done < steps_per_epoch:
             step = int(state["step"].numpy())
