@@ -196,3 +196,57 @@ def test_sigterm_saves_and_resumed_deterministic_run_matches_uninterrupted(tmp_p
     resumed = run_trainer(tmp_path / "split", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert final_digest(resumed.stdout) == final_digest(whole.stdout)
+
+
+# ----------------------------------------------------------------------------------------- run directories
+
+def image_folder(root, classes, per_class=4, corrupt=False):
+    """root/train/<class>/*.png and root/val/<class>/*.png, small noise images (or all corrupt)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                path = root / split / name / f"{i}.png"
+                if corrupt:
+                    path.write_bytes(b"not an image")
+                else:
+                    keras.utils.save_img(path, rng.integers(0, 256, (40, 48, 3)).astype("uint8"))
+    return str(root)
+
+
+def tiny_run(model_dir, dataset=None, logical_cpus=None, **changes):
+    settings = {**dict(dataset=dataset, model_dir=str(model_dir), batch_size=4, epochs=1, steps_per_epoch=1,
+                       eval_steps=1, shuffle_buffer=16, init="caffe"), **changes}
+    strategy, plan = train.make_strategy(2, logical_cpus[:2])
+    return train.train(train.Config(**settings), strategy, plan)
+
+
+def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_cpus):
+    run = tmp_path / "run"
+    tiny_run(run, image_folder(tmp_path / "abc", ["ant", "bee", "cat"]), logical_cpus)
+    files = {name: (run / name).read_bytes() for name in ("config.json", "labels.txt")}
+    cases = [
+        (dict(dataset=str(tmp_path / "abc"), batch_size=8), "was trained with --batch_size 4, not 8"),
+        (dict(dataset=image_folder(tmp_path / "def", ["dog", "eel", "fox"])),
+         "was trained on other classes than this dataset's (ant, bee, cat, dog, eel, fox)"),
+        (dict(dataset=image_folder(tmp_path / "abcd", ["ant", "bee", "cat", "dog"])), "(dog)"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tiny_run(run, logical_cpus=logical_cpus, **changes)
+    assert {name: (run / name).read_bytes() for name in files} == files  # Never rewritten.
+    assert int(tf.train.latest_checkpoint(run / "checkpoints").rsplit("-", 1)[1]) == 1
+
+
+@pytest.mark.parametrize("classes, corrupt, batch_size, message", [
+    (["ant", "bee"], True, 4, "no training image could be read (all 8 files are corrupt"),
+    (["ant"], False, 4, "has 1 class: a classifier needs 2 or more"),
+    (["ant", "bee"], False, 16, "has 8 training images, fewer than one batch of 16"),
+])
+def test_data_that_cannot_train_is_refused_before_anything_is_written(tmp_path, logical_cpus, classes, corrupt,
+                                                                      batch_size, message):
+    dataset = image_folder(tmp_path / "data", classes, corrupt=corrupt)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_run(tmp_path / "run", dataset, logical_cpus, batch_size=batch_size)
+    assert not (tmp_path / "run").exists()
