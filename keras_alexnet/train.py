@@ -71,6 +71,8 @@ class Config:
     shuffle_buffer: int = option(2048, "Images in the shuffle buffer (192 KiB each).")
     cache: str | None = option(None, "Cache decoded 256x256 images: 'memory' or a file path.")
     export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends.")
+    init_from: str | None = option(None, "Start from the weights of this run directory (e.g. a converted "
+                                   "bvlc_alexnet), every layer whose name and shape match; others start anew.")
     model: dict = dataclasses.field(default_factory=dict)  # Extra build_alexnet arguments (ablations).
 
     def validate(self):
@@ -264,12 +266,15 @@ def train(config, strategy, plan):
     num_classes = len(train_source.class_names)
     model_kwargs = {"num_classes": num_classes, "dropout_rate": config.dropout_rate, "init": config.init,
                     **config.model}
+    model_kwargs = {**checkpoint.architecture(config.init_from), **model_kwargs}  # E.g. Caffe's LRN constants.
     chief = is_chief(strategy)
     logging.info("devices: %s", "; ".join(f"replica {i} on {r} -> towers on {a}, {b}"
                                            for i, (r, (a, b)) in enumerate(plan.items())))
 
     with strategy.scope():
         model = build_alexnet(**model_kwargs, tower_devices=plan, seed=config.seed)
+        if config.init_from:  # A resumed run's checkpoint then replaces these weights.
+            checkpoint.load_matching_weights(model, config.init_from)
         base_lr = tf.Variable(config.learning_rate, trainable=False, name="base_lr")
         optimizer = keras.optimizers.SGD(
             WarmupThenPlateau(base_lr, config.warmup_epochs * steps_per_epoch), momentum=config.momentum)
