@@ -151,8 +151,11 @@ def tower_weights(caffe):
 
 def model_kwargs(caffe):
     """build_alexnet's arguments for the converted model."""
-    return {"num_classes": int(caffe.layers["fc8"][0].shape[0]), "lrn_bias": float(caffe.lrn["bias"]),
-            "lrn_alpha": float(caffe.lrn["alpha"]) / caffe.lrn["size"], "lrn_across_towers": True}
+    def decimal(value):  # ONNX stores float32: 1e-4 is 9.99999974738e-05, written back here as 0.0001.
+        return float(str(np.float32(value)))
+
+    return {"num_classes": int(caffe.layers["fc8"][0].shape[0]), "lrn_bias": decimal(caffe.lrn["bias"]),
+            "lrn_alpha": decimal(caffe.lrn["alpha"]) / caffe.lrn["size"], "lrn_across_towers": True}
 
 
 def mean_stats(mean_bgr):

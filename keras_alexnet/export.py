@@ -16,8 +16,10 @@ with four signatures over a batch of N images:
 K = min(5, C). fc7 is the post-ReLU last hidden layer whose Euclidean distances section 6.1 of the
 paper uses to find similar images. The graph subtracts the run's mean image (its centre 227 crop);
 the bytes signatures also decode, resize and crop (data.decode_and_resize, then the centre crop or,
-exported with --ten_crop, the mean over data.ten_crop's 10 views, section 4.1). The class names (a
-constant, and assets/labels.txt) and the mean image travel inside, so serving needs no keras_alexnet.
+exported with --ten_crop, the mean over data.ten_crop's 10 views, section 4.1, each view minus its
+own patch of the mean image as in evaluate). The class names (a constant, and assets/labels.txt) and
+the mean image travel inside, so serving needs no keras_alexnet; assets.extra/ holds TF Serving's
+warm-up requests (keras_alexnet.warmup).
 
 --make_npy turns image files into saved_model_cli inputs: decoded centre crops, float32 [N, 227, 227, 3],
 for `--inputs images=x.npy`, or with --bytes the encoded files, an object array [N] for

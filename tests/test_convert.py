@@ -154,3 +154,9 @@ def test_fine_tune_from_the_converted_run(bvlc_run, tmp_path):
         for mine, theirs in zip(tuned.get_layer(name).weights, source.get_layer(name).weights):
             np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=0, atol=1e-6, err_msg=name)
     assert tuned.get_layer("fc8").weights[0].shape == (4096, 10)
+
+
+def test_init_from_a_directory_that_is_no_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a training run: it has no config.json"):
+        checkpoint.architecture(str(tmp_path))
+    assert checkpoint.architecture(None) == {}
