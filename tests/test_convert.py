@@ -160,3 +160,28 @@ def test_init_from_a_directory_that_is_no_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a training run: it has no config.json"):
         checkpoint.architecture(str(tmp_path))
     assert checkpoint.architecture(None) == {}
+
+
+def test_evaluate_a_converted_run_on_an_imagenet_layout(bvlc_run, reference, photos, tmp_path):
+    """evaluate's centre-crop errors of the converted run are those of onnxruntime's probabilities."""
+    if not SYNSET_WORDS.exists():
+        pytest.skip(f"no {SYNSET_WORDS} (the shared imagenet_labels)")
+    wnids = [line.split()[0] for line in SYNSET_WORDS.read_text().splitlines()]
+    ranked = np.argsort(-reference[0], axis=1)
+    labels = [ranked[0, 0], ranked[1, 3], ranked[2, 50]]  # A top-1 hit, a top-5 hit, a miss.
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    for wnid in wnids:  # Class folders in WordNet id order: the folder labels are ImageNet's.
+        (tmp_path / "data" / "val" / wnid).mkdir(parents=True)
+    for photo, label in zip(photos, labels):
+        (tmp_path / "data" / "val" / wnids[label] / Path(photo).name).write_bytes(Path(photo).read_bytes())
+    result = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={bvlc_run}",
+                             f"--dataset={tmp_path / 'data'}", "--batch_size=4", "--noten_crop",
+                             f"--output={tmp_path / 'eval.json'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads((tmp_path / "eval.json").read_text())["results"]["centre crop"]
+    assert got["images"] == 3
+    assert got["top1_error"] == pytest.approx(2 / 3) and got["top5_error"] == pytest.approx(1 / 3)
+    missing = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={bvlc_run}"],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == \
+        f"error: {bvlc_run} names no dataset: give --dataset"
