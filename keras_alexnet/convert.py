@@ -93,7 +93,7 @@ def read_onnx(path):
         # Caffe rounds pooled sizes up, which ONNX writes as a pad at the end; on a 227 input no window
         # reaches it (55 -> 27 -> 13 -> 6 either way).
         pads = list(attrs.get("pads", [0] * 4))
-        if node.op_type == "MaxPool" and (list(attrs["kernel_shape"]) != [3, 3] or pads[:2] != [0, 0]
+        if node.op_type == "MaxPool" and (list(attrs.get("kernel_shape", [])) != [3, 3] or pads[:2] != [0, 0]
                                           or list(attrs.get("strides", [1, 1])) != [2, 2] or max(pads) > 1):
             raise ConversionError(f"{path}: a MaxPool is not 3 x 3 at stride 2 (Caffe's overlapping pooling)")
     lrns = [{"size": a["size"], "alpha": a.get("alpha", 1e-4), "beta": a.get("beta", 0.75),

@@ -1,5 +1,6 @@
 """keras_alexnet.convert: bvlc_alexnet's ONNX layout into two towers, checked against onnxruntime on real photos."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,23 @@ def test_flatten_and_untransposed_gemm_read_alike(caffe, tmp_path):
     for name, (weight, bias) in caffe.layers.items():
         np.testing.assert_array_equal(other.layers[name][0], weight, err_msg=name)
         np.testing.assert_array_equal(other.layers[name][1], bias, err_msg=name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("Conv", 1, "group", 1), "conv2 has weights, group, strides, pads, dilations ([256, 48, 5, 5], 1,"),
+    (("LRN", 1, "size", 3), "are not bvlc_alexnet's (size 5, beta 0.75, alike)"),
+    (("MaxPool", 2, "strides", [3, 3]), "a MaxPool is not 3 x 3 at stride 2"),
+])
+def test_a_layer_of_another_shape_is_named(bvlc_onnx, tmp_path, change, message):
+    import onnx
+    kind, index, name, value = change
+    model = onnx.load(str(bvlc_onnx))
+    node = [n for n in model.graph.node if n.op_type == kind][index]
+    node.attribute.remove(next(a for a in node.attribute if a.name == name))
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+    onnx.save(model, str(tmp_path / "changed.onnx"))
+    with pytest.raises(convert.ConversionError, match=re.escape(message)):
+        convert.read_onnx(str(tmp_path / "changed.onnx"))
 
 
 def small_graph(path):
