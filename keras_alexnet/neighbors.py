@@ -75,11 +75,13 @@ def nearest(queries, index, k):
     return rows, np.sqrt(np.maximum(np.take_along_axis(squared, rows, 1), 0))
 
 
-def caption_lines(label, distance=None):
-    """The two lines under a tile: a neighbour's label (without a leading WordNet id) and distance."""
-    if distance is None:
-        return ["query", os.path.basename(label)]
+def neighbour_caption(label, distance):
+    """The lines under a neighbour: its label (without a leading WordNet id) and its distance."""
     return [re.sub(r"^n\d{8} ", "", label), f"d = {distance:.4g}"]
+
+
+def query_caption(file):
+    return ["query", os.path.basename(file)]
 
 
 def grid_image(query_thumbs, index_thumbs, rows, captions):
@@ -122,7 +124,7 @@ def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64)
     rows, distances = nearest(asked.fc7, found.fc7, min(k, len(found.fc7)))
     os.makedirs(output_dir, exist_ok=True)
     png, tsv = os.path.join(output_dir, "neighbors.png"), os.path.join(output_dir, "neighbors.tsv")
-    captions = [[caption_lines(query)] + [caption_lines(found.labels[i], d) for i, d in zip(row, distance)]
+    captions = [[query_caption(query)] + [neighbour_caption(found.labels[i], d) for i, d in zip(row, distance)]
                 for query, row, distance in zip(asked.files, rows, distances)]
     Image.fromarray(grid_image(asked.thumbs, found.thumbs, rows, captions)).save(png)
     with open(tsv, "w", encoding="utf-8") as f:

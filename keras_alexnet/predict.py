@@ -56,7 +56,8 @@ def load(saved_model, ten_crop=False):
     """(predict_images signature, class names, whether it averages 10 crops) of an export."""
     loaded = tf.saved_model.load(saved_model)
     if SIGNATURE not in loaded.signatures:
-        raise ValueError(f"{saved_model} has no {SIGNATURE!r} signature (found: {', '.join(loaded.signatures)})")
+        raise ValueError(f"{saved_model} has no {SIGNATURE!r} signature "
+                         f"(found: {', '.join(loaded.signatures)})")
     exported_ten_crop = bool(getattr(loaded, "ten_crop", tf.constant(False)).numpy())
     if ten_crop and not exported_ten_crop:
         raise ValueError(f"{saved_model} was not exported with --ten_crop: its {SIGNATURE} takes the centre "
@@ -151,7 +152,8 @@ def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32)
         for b in range(batches):
             batch = read_batch(files[b * batch_size:(b + 1) * batch_size], skipped)
             for path, probabilities in classify(signature, batch, skipped):
-                top = [(labels[i], int(i), float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:k]]
+                ranked = np.argsort(-probabilities, kind="stable")[:k]
+                top = [(labels[i], int(i), float(probabilities[i])) for i in ranked]
                 progress.clear()
                 print(f"{path}: " + " | ".join(f"{p:.2%} {label}" for label, _, p in top))
                 if writer:

@@ -201,8 +201,8 @@ def test_neighbours_png_reads_like_figure_4():
     rng = np.random.default_rng(0)
     index_thumbs = rng.integers(0, 255, (5, 64, 64, 3), np.uint8)
     rows = np.array([[3, 1, 4], [0, 2, 1]])
-    captions = [[neighbors.caption_lines("queries/cat.jpg")] +
-                [neighbors.caption_lines(f"n0244{i:04d} label {i}", 10.0 * i) for i in row] for row in rows]
+    captions = [[neighbors.query_caption("queries/cat.jpg")] +
+                [neighbors.neighbour_caption(f"n0244{i:04d} label {i}", 10.0 * i) for i in row] for row in rows]
     assert captions[0][:2] == [["query", "cat.jpg"], ["label 3", "d = 30"]]  # Without the WordNet id.
     grid = neighbors.grid_image(index_thumbs[:2], index_thumbs, rows, captions)
     assert grid.shape[1::-1] == grid_size(2, 3)

@@ -96,6 +96,7 @@ def test_ten_crop_export(photos, tmp_path, capsys):
                                           str(tmp_path), 1, ten_crop=True))
     done, skipped = predict.run(str(saved_model), photos, top_k=2, ten_crop=True)
     lines = capsys.readouterr().out.splitlines()
-    assert (done, skipped) == (len(photos), []) and lines[-1].startswith(f"{len(photos)} images classified (mean of 10")
+    assert (done, skipped) == (len(photos), [])
+    assert lines[-1] == f"{len(photos)} images classified (mean of 10 crops); skipped 0 unreadable files"
     for line, photo, top in zip(lines, photos, expected_top(saved_model, photos, 2)):
         assert line == f"{photo}: " + " | ".join(f"{p:.2%} {label}" for label, _, p in top)
