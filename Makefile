@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx]'
 	touch $(STAMP)
 
 # The demo (README, "Two commands"): 3 epochs of 32 steps of 32 synthetic images, 256 validation images

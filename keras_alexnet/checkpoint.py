@@ -97,3 +97,41 @@ def restore_model(model_dir, checkpoint_path=None):
     step = tf.Variable(0, dtype=tf.int64)
     tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
     return model, run, int(step.numpy())
+
+
+# What a fine-tuned model sets for itself; the other build_alexnet arguments describe the weights' network.
+OWN_ARGUMENTS = ("num_classes", "dropout_rate", "init", "seed", "tower_devices", "name")
+
+
+def architecture(run_dir):
+    """The build_alexnet arguments of run_dir's network that weights depend on (the LRN's constants,
+    towers, ...), for a model that starts from its weights; {} for no run_dir."""
+    if not run_dir:
+        return {}
+    return {k: v for k, v in read_run_files(run_dir).config["model"].items() if k not in OWN_ARGUMENTS}
+
+
+def load_matching_weights(model, run_dir):
+    """Copies into `model` the weights of every layer of run_dir's latest checkpoint with the same name
+    and weight shapes (fine-tuning: e.g. a converted bvlc_alexnet whose fc8 is re-initialised for
+    another number of classes). Prints and returns (names loaded, "name (why)" skipped)."""
+    source = restore_model(run_dir)[0]
+    names = {layer.name for layer in source.layers}
+    loaded, skipped = [], []
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in names:
+            skipped.append(f"{layer.name} (not in {run_dir})")
+            continue
+        theirs = source.get_layer(layer.name).weights
+        shapes = [tuple(w.shape) for w in layer.weights], [tuple(w.shape) for w in theirs]
+        if shapes[0] != shapes[1]:
+            skipped.append(f"{layer.name} (shapes {shapes[0]} here, {shapes[1]} there)")
+            continue
+        for mine, source_weight in zip(layer.weights, theirs):
+            mine.assign(source_weight.numpy())
+        loaded.append(layer.name)
+    print(f"--init_from {run_dir}: loaded {len(loaded)} layers; skipped {len(skipped)}: "
+          f"{', '.join(skipped) or 'none'}")
+    return loaded, skipped

@@ -8,6 +8,7 @@ through an exported SavedModel's `features` signature and writes a projector log
     LOGDIR/
       checkpoint, embedding.ckpt-1.*   tf.train.Checkpoint of one variable: fc7 [N, 4096]
       metadata.tsv                     header "file<TAB>label", then row i of fc7
+      fc7.npy                          the same fc7 [N, 4096] float32, for numpy / pandas
       sprite.png                       row-major thumbnails, ceil(sqrt(N)) a side, at most 8192 px
       projector_config.pbtxt
 
@@ -33,7 +34,7 @@ from keras_alexnet import data
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
-METADATA, SPRITE, CHECKPOINT = "metadata.tsv", "sprite.png", "embedding.ckpt"
+METADATA, SPRITE, CHECKPOINT, FC7 = "metadata.tsv", "sprite.png", "embedding.ckpt", "fc7.npy"
 THUMB, MAX_SPRITE = 64, 8192  # Thumbnail side and the projector's largest sprite side, in pixels.
 ERRORS = (ValueError, OSError, data.DataError, tf.errors.OpError)
 
@@ -168,8 +169,9 @@ def write_projector(logdir, batches, total=None):
                 bar.add(len(names))
         if not rows:
             raise data.DataError("no image could be embedded")
-        fc7 = tf.Variable(np.memmap(raw["fc7"], np.float32, "r", shape=(rows, width)), name="fc7")
-        tf.train.Checkpoint(fc7=fc7).save(os.path.join(logdir, CHECKPOINT))
+        fc7_rows = np.memmap(raw["fc7"], np.float32, "r", shape=(rows, width))
+        np.save(os.path.join(logdir, FC7), fc7_rows)  # Row i is line i + 1 of metadata.tsv.
+        tf.train.Checkpoint(fc7=tf.Variable(fc7_rows, name="fc7")).save(os.path.join(logdir, CHECKPOINT))
         side = write_sprite(os.path.join(logdir, SPRITE),
                             np.memmap(raw["thumbs"], np.uint8, "r", shape=(rows, THUMB, THUMB, 3)))
     finally:

@@ -29,6 +29,8 @@ def main(argv):
     del argv
     try:
         model, run, step = checkpoint.restore_model(FLAGS.model_dir or "")
+        if not (FLAGS.dataset or run.config.get("dataset")):  # A converted model has no dataset of its own.
+            raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")
         source = data.load_source(FLAGS.dataset or run.config["dataset"], FLAGS.split,
                                   FLAGS.data_dir or run.config.get("data_dir"))
     except (FileNotFoundError, data.DataError, ValueError) as error:

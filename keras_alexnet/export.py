@@ -16,8 +16,10 @@ with four signatures over a batch of N images:
 K = min(5, C). fc7 is the post-ReLU last hidden layer whose Euclidean distances section 6.1 of the
 paper uses to find similar images. The graph subtracts the run's mean image (its centre 227 crop);
 the bytes signatures also decode, resize and crop (data.decode_and_resize, then the centre crop or,
-exported with --ten_crop, the mean over data.ten_crop's 10 views, section 4.1). The class names (a
-constant, and assets/labels.txt) and the mean image travel inside, so serving needs no keras_alexnet.
+exported with --ten_crop, the mean over data.ten_crop's 10 views, section 4.1, each view minus its
+own patch of the mean image as in evaluate). The class names (a constant, and assets/labels.txt) and
+the mean image travel inside, so serving needs no keras_alexnet; assets.extra/ holds TF Serving's
+warm-up requests (keras_alexnet.warmup).
 
 --make_npy turns image files into saved_model_cli inputs: decoded centre crops, float32 [N, 227, 227, 3],
 for `--inputs images=x.npy`, or with --bytes the encoded files, an object array [N] for
@@ -31,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data
+from keras_alexnet import checkpoint, data, warmup
 from keras_alexnet.model import INPUT_SHAPE, feature_model
 
 IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
@@ -73,35 +75,39 @@ def serving_module(model, class_names, stats, ten_crop=False):
     features = feature_model(model)
     module = tf.Module()
     module.model_weights = [w.value for w in model.weights]
-    module.mean_image = tf.Variable(data.center_crop(tf.constant(stats.mean_image, tf.float32)),
-                                    trainable=False, name="mean_image")
+    module.mean_image = tf.Variable(stats.mean_image, trainable=False, name="mean_image")  # [256, 256, 3]
+    module.ten_crop = tf.Variable(ten_crop, trainable=False, name="ten_crop")  # How predict_images crops.
 
     def predictions(probabilities):
         top = tf.math.top_k(probabilities, min(5, num_classes))
         return {"probabilities": probabilities, "top5_classes": top.indices,
                 "top5_labels": tf.gather(tf.constant(class_names), top.indices)}
 
-    def run(net, images):  # TensorFlow's CPU Conv2D fails on an empty batch, so that skips the net.
-        return tf.cond(tf.shape(images)[0] > 0, lambda: net(images - module.mean_image, training=False),
+    def run(net, inputs):  # TensorFlow's CPU Conv2D fails on an empty batch, so that skips the net.
+        return tf.cond(tf.shape(inputs)[0] > 0, lambda: net(inputs, training=False),
                        lambda: tf.zeros((0, net.output.shape[-1])))
 
+    def run_on_images(net, images):
+        return run(net, _images(images) - data.center_crop(module.mean_image))
+
     def run_on_bytes(net, image_bytes):
+        """The mean image is subtracted before cropping, so each view loses its own patch of it (as evaluate)."""
         decoded = tf.map_fn(data.decode_and_resize, _image_bytes(image_bytes),
                             fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
-        decoded = tf.cast(decoded, tf.float32)
+        centred = tf.cast(decoded, tf.float32) - module.mean_image
         if not ten_crop:
-            return run(net, tf.ensure_shape(data.center_crop(decoded), (None, *INPUT_SHAPE)))
-        views = tf.map_fn(data.ten_crop, decoded, fn_output_signature=tf.TensorSpec((10, *INPUT_SHAPE)))
+            return run(net, tf.ensure_shape(data.center_crop(centred), (None, *INPUT_SHAPE)))
+        views = tf.map_fn(data.ten_crop, centred, fn_output_signature=tf.TensorSpec((10, *INPUT_SHAPE)))
         outputs = run(net, tf.reshape(views, (-1, *INPUT_SHAPE)))
         return tf.reduce_mean(tf.reshape(outputs, (-1, 10, outputs.shape[-1])), axis=1)
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
     def serving_default(images):
-        return predictions(run(model, _images(images)))
+        return predictions(run_on_images(model, images))
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
     def features_of_images(images):
-        return {"fc7": run(features, _images(images))}
+        return {"fc7": run_on_images(features, images)}
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name="image_bytes")])
     def predict_images(image_bytes):
@@ -140,6 +146,7 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
         checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
         module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
         tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
+    warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
     if tf.io.gfile.exists(path):
         tf.io.gfile.rmtree(path)
     tf.io.gfile.rename(staging, path)

@@ -86,3 +86,31 @@ class LocalResponseNormalization(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "depth_radius": self.depth_radius, "bias": self.bias,
                 "alpha": self.alpha, "beta": self.beta}
+
+
+@keras.saving.register_keras_serializable(package="keras_alexnet")
+class TowerLocalResponseNormalization(LocalResponseNormalization):
+    """LRN of one tower's maps whose window reaches into the other tower's, as in Caffe's bvlc_alexnet.
+
+    The paper normalises within each GPU's maps. Caffe's norm1 and norm2 normalise all 96 (256) maps as
+    one stack, so the depth_radius maps either side of the split between the towers see the other
+    tower's. Called on [tower A maps, tower B maps], it returns tower `tower`'s half (0 = A, 1 = B) of
+    that stack's LRN, reading only depth_radius maps of the other tower.
+    """
+
+    def __init__(self, tower, **kwargs):
+        super().__init__(**kwargs)
+        self.tower = int(tower)
+
+    def call(self, inputs):
+        a, b = inputs
+        r = self.depth_radius
+        if self.tower == 0:
+            return super().call(tf.concat([a, b[..., :r]], -1))[..., :-r]
+        return super().call(tf.concat([a[..., -r:], b], -1))[..., r:]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[self.tower]
+
+    def get_config(self):
+        return {**super().get_config(), "tower": self.tower}

@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from keras_alexnet.lrn import LocalResponseNormalization
+from keras_alexnet.lrn import LocalResponseNormalization, TowerLocalResponseNormalization
 
 INPUT_SHAPE = (227, 227, 3)
 TOWERS = ("_a", "_b")
@@ -137,7 +137,8 @@ def _initializers(init, name, seed):
 
 
 def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="paper",
-                  seed=None, lrn=True, pool_size=3, pool_stride=2, towers=2, name="alexnet"):
+                  seed=None, lrn=True, pool_size=3, pool_stride=2, towers=2, lrn_bias=2.0, lrn_alpha=1e-4,
+                  lrn_across_towers=False, name="alexnet"):
     """Builds AlexNet (Figure 2 of the paper): input 227x227x3 mean-subtracted RGB, softmax output.
 
     Args:
@@ -150,6 +151,10 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
       lrn: False removes both LRN layers (the section 3.3 ablation).
       pool_size, pool_stride: 3 and 2 overlap as in section 3.4; 2 and 2 is the non-overlapping ablation.
       towers: 2 for the paper's two towers, 1 for a single tower of the same total width.
+      lrn_bias, lrn_alpha: the LRN's k and alpha (section 3.3: 2 and 1e-4, alpha per squared term).
+        Caffe's bvlc_alexnet has k = 1 and alpha = 1e-4 divided by n = 5: lrn_bias=1, lrn_alpha=2e-5.
+      lrn_across_towers: LRN windows cross the split between the towers, as Caffe's (one stack of 96
+        and 256 maps); the paper's GPUs normalise their own maps (False).
     """
     if towers not in (1, 2):
         raise ValueError(f"towers must be 1 or 2, got {towers}")
@@ -188,17 +193,23 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
     def dropout(name, tower):
         return on(tower, ReplicaDropout(dropout_rate, seed=next_seed(), name=name))
 
+    def normalise(name, maps, t, s):
+        if not lrn:
+            return maps[s]
+        kwargs = {"bias": lrn_bias, "alpha": lrn_alpha, "name": f"{name}{s}"}
+        if lrn_across_towers and towers == 2:
+            return on(t, TowerLocalResponseNormalization(t, **kwargs))([maps[u] for u in suffixes])
+        return on(t, LocalResponseNormalization(**kwargs))(maps[s])
+
     images = keras.Input(INPUT_SHAPE, name="images")
-    x = {}
-    for t, s in enumerate(suffixes):  # Layers 1-2: each tower sees only its own maps.
-        h = conv("conv1", 48, 11, t, s, strides=4, padding="valid")(images)
-        if lrn:
-            h = on(t, LocalResponseNormalization(name=f"lrn1{s}"))(h)
-        h = pool(f"pool1{s}", t)(h)
-        h = conv("conv2", 128, 5, t, s)(h)
-        if lrn:
-            h = on(t, LocalResponseNormalization(name=f"lrn2{s}"))(h)
-        x[s] = pool(f"pool2{s}", t)(h)
+    # Layers 1-2: each tower sees only its own maps. Made tower by tower, so a seed gives the same weights
+    # whatever the order of the calls below.
+    convs = {s: (conv("conv1", 48, 11, t, s, strides=4, padding="valid"), conv("conv2", 128, 5, t, s))
+             for t, s in enumerate(suffixes)}
+    x = {s: convs[s][0](images) for s in suffixes}
+    x = {s: pool(f"pool1{s}", t)(normalise("lrn1", x, t, s)) for t, s in enumerate(suffixes)}
+    x = {s: convs[s][1](x[s]) for s in suffixes}
+    x = {s: pool(f"pool2{s}", t)(normalise("lrn2", x, t, s)) for t, s in enumerate(suffixes)}
     both = [x[s] for s in suffixes]
     for t, s in enumerate(suffixes):  # conv3 takes both towers' maps; conv4-5 their own.
         h = conv("conv3", 192, 3, t, s)(merge(both, f"conv3_in{s}", t))

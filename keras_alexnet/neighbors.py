@@ -11,17 +11,19 @@ is ranked against an index by the Euclidean distance of fc7 vectors.
 metadata.tsv and sprite.png are read back, nothing is recomputed; the grid shows the sprite's
 thumbnails) or a folder of images, embedded here through the same `features` signature as the
 queries. An embed log dir must come from the same --saved_model, or the distances mean nothing.
-Writes OUTPUT_DIR/neighbors.png (one row a query: the query, then its k nearest, closest first) and
+Writes OUTPUT_DIR/neighbors.png (one row a query, as Figure 4: the query set apart by a wider gap, then
+its k nearest, closest first, each captioned with its label and distance) and
 OUTPUT_DIR/neighbors.tsv (query, rank, file, label, distance).
 """
 import collections
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 from google.protobuf import text_format
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
@@ -29,6 +31,7 @@ from keras_alexnet import embed
 
 Embedded = collections.namedtuple("Embedded", ["fc7", "files", "labels", "thumbs"])
 GAP, CHUNK = 2, 8192  # White pixels between tiles; index rows per distance block.
+QUERY_GAP = 12  # White pixels between the query column and its neighbours.
 
 
 def embed_folder(features, folder, batch_size):
@@ -72,17 +75,36 @@ def nearest(queries, index, k):
     return rows, np.sqrt(np.maximum(np.take_along_axis(squared, rows, 1), 0))
 
 
-def grid_image(query_thumbs, index_thumbs, rows):
-    """One row per query: its thumbnail, then its neighbours', GAP white pixels apart."""
+def neighbour_caption(label, distance):
+    """The lines under a neighbour: its label (without a leading WordNet id) and its distance."""
+    return [re.sub(r"^n\d{8} ", "", label), f"d = {distance:.4g}"]
+
+
+def query_caption(file):
+    return ["query", os.path.basename(file)]
+
+
+def grid_image(query_thumbs, index_thumbs, rows, captions):
+    """Figure 4's layout: one row per query, its thumbnail, QUERY_GAP white pixels, then its neighbours'
+    thumbnails GAP apart, closest first; `captions[r][c]` are the lines of text under tile c of row r."""
     side = index_thumbs.shape[1]
-    height, width = len(rows), rows.shape[1] + 1
-    image = np.full((height * (side + GAP) - GAP, width * (side + GAP) - GAP, 3), 255, np.uint8)
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 2
+    height = side + 2 * line  # A tile and its caption.
+    image = Image.new("RGB", (side + QUERY_GAP + rows.shape[1] * (side + GAP) - GAP,
+                              len(rows) * (height + GAP) - GAP), "white")
+    draw = ImageDraw.Draw(image)
     for r, (query, neighbours) in enumerate(zip(query_thumbs, rows)):
-        query = np.asarray(Image.fromarray(query).resize((side, side), Image.Resampling.LANCZOS))
-        for c, tile in enumerate([query, *index_thumbs[neighbours]]):
-            y, x = r * (side + GAP), c * (side + GAP)
-            image[y:y + side, x:x + side] = tile
-    return image
+        tiles = [Image.fromarray(query).resize((side, side), Image.Resampling.LANCZOS),
+                 *[Image.fromarray(t) for t in index_thumbs[neighbours]]]
+        for c, (tile, lines) in enumerate(zip(tiles, captions[r])):
+            x, y = (0 if c == 0 else side + QUERY_GAP + (c - 1) * (side + GAP)), r * (height + GAP)
+            image.paste(tile, (x, y))
+            for i, text in enumerate(lines):
+                while text and draw.textlength(text, font=font) > side:  # Cut to the tile's width.
+                    text = text[:-1]
+                draw.text((x, y + side + i * line), text, fill="black", font=font)
+    return np.asarray(image)
 
 
 def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64):
@@ -102,7 +124,9 @@ def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64)
     rows, distances = nearest(asked.fc7, found.fc7, min(k, len(found.fc7)))
     os.makedirs(output_dir, exist_ok=True)
     png, tsv = os.path.join(output_dir, "neighbors.png"), os.path.join(output_dir, "neighbors.tsv")
-    Image.fromarray(grid_image(asked.thumbs, found.thumbs, rows)).save(png)
+    captions = [[query_caption(query)] + [neighbour_caption(found.labels[i], d) for i, d in zip(row, distance)]
+                for query, row, distance in zip(asked.files, rows, distances)]
+    Image.fromarray(grid_image(asked.thumbs, found.thumbs, rows, captions)).save(png)
     with open(tsv, "w", encoding="utf-8") as f:
         f.write("query\trank\tfile\tlabel\tdistance\n")
         for query, row, distance in zip(asked.files, rows, distances):

@@ -200,6 +200,7 @@ def train(config, strategy, plan):
     num_classes = len(train_source.class_names)
     model_kwargs = {"num_classes": num_classes, "dropout_rate": config.dropout_rate, "init": config.init,
                     **config.model}
+    model_kwargs = {**checkpoint.architecture(config.init_from), **model_kwargs}  # E.g. Caffe's LRN constants.
     run_config = {**dataclasses.asdict(config), "model": model_kwargs, "steps_per_epoch": steps_per_epoch,
                   "input_shape": list(INPUT_SHAPE)}
     checkpoint.check_resume(config.model_dir, run_config, train_source.class_names)
@@ -209,6 +210,8 @@ def train(config, strategy, plan):
 
     with strategy.scope():
         model = build_alexnet(**model_kwargs, tower_devices=plan, seed=config.seed)
+        if config.init_from:  # A resumed run's checkpoint then replaces these weights.
+            checkpoint.load_matching_weights(model, config.init_from)
         base_lr = tf.Variable(config.learning_rate, trainable=False, name="base_lr")
         optimizer = keras.optimizers.SGD(
             WarmupThenPlateau(base_lr, config.warmup_epochs * steps_per_epoch), momentum=config.momentum)

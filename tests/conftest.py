@@ -1,9 +1,13 @@
-"""Shared test set-up: 4 logical CPU devices (towers, replicas and workers without GPUs), shared data."""
+"""Shared test set-up: 4 logical CPU devices (towers, replicas and workers without GPUs), shared data,
+and bvlc_alexnet's layout as an ONNX file with its conversion and export (built once a session)."""
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -21,15 +25,11 @@ def logical_cpus():
     return [device.name for device in tf.config.list_logical_devices("CPU")]
 
 
-def new_collective_keys():
-    """Strategies made in one process must not share collective group keys (TensorFlow's own
-    tests do this: `strategy_combinations.py`)."""
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
-
-
 @pytest.fixture(autouse=True)
 def separate_strategies():
-    new_collective_keys()
+    """Strategies made in one process must not share collective group keys (TensorFlow's own tests
+    do this, strategy_combinations.py); test_distributed.py does it before each run too."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,3 +57,117 @@ def final_digest():
         assert match, output[-3000:]
         return match.group(1), int(match.group(2))
     return parse
+# ----------------------------------------------------------------------------- bvlc_alexnet as ONNX
+
+PHOTOS = SHARED_DATA / "skimage_photos"
+SYNSET_WORDS = SHARED_DATA / "imagenet_labels" / "synset_words.txt"
+CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
+
+
+def run_cli(*args, timeout=600, **kwargs):
+    """`python ARGS` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def write_bvlc_onnx(path, seed=0, flatten="Reshape", trans_b=1):
+    """bvlc_alexnet's exact layout (Caffe -> Caffe2 -> ONNX zoo) with random weights, written by onnx.helper.
+
+    Input data_0 [N, 3, 227, 227], BGR minus the mean; outputs prob_1 (softmax) and fc7_1 (fc7 after its
+    ReLU). conv2, conv4, conv5 are group-2 convolutions; norm1 and norm2 are Caffe's LRN (local_size 5,
+    alpha 1e-4, beta 0.75, k 1) over all 96 / 256 maps. Weights are N(0, sqrt(2 / fan_in)) (fc8 smaller,
+    so that the softmax is not one-hot), biases N(0.1, 0.05): activations keep a realistic scale.
+    """
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(seed)
+    initializers, nodes = [], []
+
+    def constant(name, array):
+        initializers.append(numpy_helper.from_array(np.asarray(array, np.float32 if array.dtype.kind == "f"
+                                                               else array.dtype), name))
+        return name
+
+    def layer(op, name, x, shape, gain=2.0, **attrs):
+        fan_in = int(np.prod(shape[1:]))
+        weight = rng.normal(0, np.sqrt(gain / fan_in), shape)
+        if op == "Gemm" and not trans_b:
+            weight, attrs["transB"] = weight.T, 0
+        elif op == "Gemm":
+            attrs["transB"] = 1
+        bias = rng.normal(0.1, 0.05, shape[0])
+        nodes.append(helper.make_node(op, [x, constant(f"{name}_w_0", weight), constant(f"{name}_b_0", bias)],
+                                      [f"{name}_1"], **attrs))
+        return f"{name}_1"
+
+    def node(op, x, out, **attrs):
+        nodes.append(helper.make_node(op, [x] if isinstance(x, str) else x, [out], **attrs))
+        return out
+
+    def lrn(x, name):
+        return node("LRN", x, name, size=5, alpha=1e-4, beta=0.75, bias=1.0)
+
+    x = layer("Conv", "conv1", "data_0", (96, 3, 11, 11), kernel_shape=[11, 11], strides=[4, 4], pads=[0] * 4)
+    x = node("MaxPool", lrn(node("Relu", x, "relu1"), "norm1"), "pool1", kernel_shape=[3, 3], strides=[2, 2],
+             pads=[0, 0, 1, 1])  # Caffe's ceil rounding, as Caffe2 writes it.
+    x = layer("Conv", "conv2", x, (256, 48, 5, 5), kernel_shape=[5, 5], pads=[2] * 4, group=2)
+    x = node("MaxPool", lrn(node("Relu", x, "relu2"), "norm2"), "pool2", kernel_shape=[3, 3], strides=[2, 2])
+    x = node("Relu", layer("Conv", "conv3", x, (384, 256, 3, 3), kernel_shape=[3, 3], pads=[1] * 4), "relu3")
+    x = node("Relu", layer("Conv", "conv4", x, (384, 192, 3, 3), kernel_shape=[3, 3], pads=[1] * 4, group=2),
+             "relu4")
+    x = node("Relu", layer("Conv", "conv5", x, (256, 192, 3, 3), kernel_shape=[3, 3], pads=[1] * 4, group=2),
+             "relu5")
+    x = node("MaxPool", x, "pool5", kernel_shape=[3, 3], strides=[2, 2])
+    if flatten == "Reshape":
+        x = node("Reshape", [x, constant("OC2_DUMMY_1", np.array([-1, 9216], np.int64))], "pool5_flat")
+    else:
+        x = node("Flatten", x, "pool5_flat", axis=1)
+    x = node("Dropout", node("Relu", layer("Gemm", "fc6", x, (4096, 9216)), "relu6"), "drop6")
+    fc7 = node("Relu", layer("Gemm", "fc7", x, (4096, 4096)), "fc7_relu")
+    x = layer("Gemm", "fc8", node("Dropout", fc7, "drop7"), (1000, 4096), gain=0.02)
+    node("Softmax", x, "prob_1", axis=1)
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", size])
+               for name, size in (("prob_1", 1000), ("fc7_relu", 4096))]
+    graph = helper.make_graph(nodes, "bvlc_alexnet", [helper.make_tensor_value_info(
+        "data_0", TensorProto.FLOAT, ["N", 3, 227, 227])], outputs, initializers)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(path))
+    return path
+
+
+def caffe_input(crops):
+    """What Caffe feeds bvlc_alexnet for RGB uint8 crops [N, 227, 227, 3]: BGR minus the mean, NCHW."""
+    return np.ascontiguousarray((crops[..., ::-1].astype(np.float32) - CAFFE_MEAN_BGR).transpose(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """The shared real photos (chelsea, coffee, rocket)."""
+    files = sorted(str(p) for p in PHOTOS.glob("*") if p.suffix in (".png", ".jpg"))
+    if not files:
+        pytest.skip(f"no real photos at {PHOTOS} (the shared skimage_photos data set)")
+    return files
+
+
+@pytest.fixture(scope="session")
+def bvlc_onnx(tmp_path_factory):
+    """The random-weight bvlc_alexnet ONNX file of the session."""
+    pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    return write_bvlc_onnx(tmp_path_factory.mktemp("onnx") / "bvlcalexnet-test.onnx")
+
+
+@pytest.fixture(scope="session")
+def bvlc_run(bvlc_onnx, tmp_path_factory):
+    """The ONNX file converted by the command line, with ImageNet's labels where the shared data has them."""
+    model_dir = tmp_path_factory.mktemp("bvlc") / "run"
+    labels = [f"--labels={SYNSET_WORDS}"] if SYNSET_WORDS.exists() else []
+    result = run_cli("-m", "keras_alexnet.convert", f"--onnx={bvlc_onnx}", f"--model_dir={model_dir}", *labels)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def bvlc_export(bvlc_run, tmp_path_factory):
+    """The converted run exported by the command line: EXPORT_DIR/0 (the conversion is step 0)."""
+    export_dir = tmp_path_factory.mktemp("bvlc_export") / "alexnet"
+    result = run_cli("-m", "keras_alexnet.export", f"--model_dir={bvlc_run}", f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return export_dir / "0"

@@ -30,7 +30,7 @@ FLAGS = [f"--{key}={value}" for key, value in RUN.items()]
 
 
 def run_in_process(model_dir, devices, towers_per_replica, **changes):
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000  # As conftest.new_collective_keys.
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000  # As conftest.separate_strategies.
     strategy, plan = train.make_strategy(towers_per_replica, devices)
     train.train(Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes),
                 strategy, plan)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageFont
 
 from keras_alexnet import checkpoint, data, embed, filters, neighbors
 from keras_alexnet.export import export_saved_model
@@ -90,6 +90,7 @@ def test_embed_writes_aligned_rows_metadata_and_sprite(embedded, image_folder, s
     assert [m[1] for m in metadata] == [f.split("/")[0] for f in files]
     fc7 = checkpointed_fc7(logdir)
     assert fc7.shape == (12, 4096) and fc7.dtype == np.float32
+    np.testing.assert_array_equal(np.load(logdir / embed.FC7), fc7)  # fc7.npy: the same rows, for numpy.
     # Row i is file i: the export's own decode path (features_images) gives the same vectors.
     encoded = tf.constant([(image_folder / f).read_bytes() for f in files])
     direct = tf.saved_model.load(saved_model).signatures["features_images"](image_bytes=encoded)["fc7"]
@@ -167,7 +168,7 @@ def test_neighbours_from_an_embed_logdir(embedded, saved_model, image_folder, tm
     for start in range(0, 12, 4):
         distances = [float(row[4]) for row in table[start:start + 4]]
         assert distances == sorted(distances) and distances[1] > 1e-2
-    assert Image.open(png).size == (5 * 64 + 4 * neighbors.GAP, 3 * 64 + 2 * neighbors.GAP)
+    assert Image.open(png).size == grid_size(3, 4)
 
 
 def test_neighbours_from_an_image_folder_match_the_logdir(embedded, saved_model, image_folder, tmp_path):
@@ -183,7 +184,39 @@ def test_neighbours_from_an_image_folder_match_the_logdir(embedded, saved_model,
     expected = sorted(np.linalg.norm(fc7 - query, axis=1))
     np.testing.assert_allclose([float(r[4]) for r in table[:12]], expected, rtol=1e-3, atol=1e-3)
     assert table[0][2] == "stripes/stripes0.jpg"
-    assert Image.open(png).size == (13 * 64 + 12 * neighbors.GAP, 4 * 64 + 3 * neighbors.GAP)
+    assert Image.open(png).size == grid_size(4, 12)
+
+
+def grid_size(queries, k, side=64):
+    """(width, height) of neighbors.png: the query column set apart, two caption lines under each row."""
+    return (side + neighbors.QUERY_GAP + k * side + (k - 1) * neighbors.GAP,
+            queries * (side + 2 * CAPTION_LINE) + (queries - 1) * neighbors.GAP)
+
+
+CAPTION_LINE = ImageFont.load_default().getbbox("Ag")[3] + 2
+
+
+def test_neighbours_png_reads_like_figure_4():
+    """The query column stands apart; each tile has its caption lines in black below it."""
+    rng = np.random.default_rng(0)
+    index_thumbs = rng.integers(0, 255, (5, 64, 64, 3), np.uint8)
+    rows = np.array([[3, 1, 4], [0, 2, 1]])
+    captions = [[neighbors.query_caption("queries/cat.jpg")] +
+                [neighbors.neighbour_caption(f"n0244{i:04d} label {i}", 10.0 * i) for i in row] for row in rows]
+    assert captions[0][:2] == [["query", "cat.jpg"], ["label 3", "d = 30"]]  # Without the WordNet id.
+    grid = neighbors.grid_image(index_thumbs[:2], index_thumbs, rows, captions)
+    assert grid.shape[1::-1] == grid_size(2, 3)
+    assert (grid[:, 64:64 + neighbors.QUERY_GAP] == 255).all()  # The gap that sets the query apart.
+    for r, row in enumerate(rows):
+        top = r * (64 + 2 * CAPTION_LINE + neighbors.GAP)
+        for c, i in enumerate(row):
+            x = 64 + neighbors.QUERY_GAP + c * (64 + neighbors.GAP)
+            np.testing.assert_array_equal(grid[top:top + 64, x:x + 64], index_thumbs[i])
+            caption = grid[top + 64:top + 64 + 2 * CAPTION_LINE, x:x + 64]
+            assert (caption < 128).any() and (caption == 255).any()  # Black text on white.
+    first, second = (grid[64:64 + CAPTION_LINE, x:x + 64]
+                     for x in (64 + neighbors.QUERY_GAP + c * (64 + neighbors.GAP) for c in (0, 1)))
+    assert not np.array_equal(first, second)  # Different labels, different captions.
 
 
 def test_nearest_is_exact_euclidean():

@@ -12,9 +12,8 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_alexnet import checkpoint, data, export
-from keras_alexnet.model import build_alexnet, feature_model
+from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skimage_photos"
 SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
 CLASSES = [f"class {i}" for i in range(10)]
 MODEL = {"num_classes": 10, "seed": 3, "init": "glorot"}  # Glorot: distinct outputs per image.
@@ -75,14 +74,6 @@ def image_files(tmp_path_factory):
     return [str(folder / "pattern.jpg"), str(folder / "grey.png")]
 
 
-@pytest.fixture(scope="module")
-def photos():
-    files = sorted(str(p) for p in PHOTOS.glob("*") if p.suffix in (".png", ".jpg"))
-    if not files:
-        pytest.skip(f"no real photos at {PHOTOS} (the shared skimage_photos data set)")
-    return files
-
-
 def mean_crop(stats):
     return data.center_crop(tf.constant(stats.mean_image)).numpy()
 
@@ -96,13 +87,13 @@ def keras_outputs(model, stats, files):
 
 def test_export_has_tf_serving_layout_with_labels_asset(exported):
     assert sorted(os.listdir(exported.parent)) == [str(STEP)]  # No staging directory left behind.
-    assert {"saved_model.pb", "variables", "assets"} <= set(os.listdir(exported))
+    assert {"saved_model.pb", "variables", "assets", "assets.extra"} <= set(os.listdir(exported))
     assert checkpoint.read_labels(str(exported / "assets" / checkpoint.LABELS)) == CLASSES
 
 
 def test_weights_are_stored_once(exported, keras_model):
     stored = sum(f.stat().st_size for f in (exported / "variables").iterdir())
-    mean_image = 227 * 227 * 3 * 4
+    mean_image = 256 * 256 * 3 * 4
     assert 4 * keras_model.count_params() < stored <= 1.02 * 4 * keras_model.count_params() + mean_image + 2**16
 
 
@@ -210,15 +201,44 @@ def test_empty_batch_gives_empty_outputs(loaded):
         assert {k: tuple(v.shape) for k, v in outputs.items()} == {k: shapes[k] for k in outputs}
 
 
-def test_ten_crop_averages_the_ten_views(keras_model, stats, image_files):
+def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_files):
+    """Each view loses its own (mirrored) patch of the mean image, as in evaluate's 10-crop test."""
     module = export.serving_module(keras_model, CLASSES, stats, ten_crop=True)
-    encoded = tf.constant([Path(f).read_bytes() for f in image_files])
-    views = tf.concat([data.ten_crop(data.decode_and_resize(e)) for e in encoded], 0)
-    inputs = tf.cast(views, tf.float32) - mean_crop(stats)
-    expected = keras_model(inputs, training=False).numpy().reshape(len(image_files), 10, -1).mean(1)
-    assert relative_difference(module.predict_images(image_bytes=encoded)["probabilities"].numpy(), expected) < 1e-5
-    fc7 = feature_model(keras_model)(inputs, training=False).numpy().reshape(len(image_files), 10, -1).mean(1)
-    assert relative_difference(module.features_images(image_bytes=encoded)["fc7"].numpy(), fc7) < 1e-5
+    assert bool(module.ten_crop.numpy())
+    encoded = [Path(f).read_bytes() for f in image_files]
+    decoded = tf.stack([data.decode_and_resize(e) for e in encoded])
+    source = data.Source(tf.data.Dataset.from_tensor_slices((decoded, tf.zeros([len(encoded)], tf.int32))),
+                         CLASSES, len(encoded), lambda: 0)
+    views, _ = next(iter(data.eval_pipeline(source, len(encoded), stats, ten_crop=True)))
+    views = tf.reshape(views, (-1, *INPUT_SHAPE))
+
+    def averaged(net, inputs):
+        return net(inputs, training=False).numpy().reshape(len(encoded), 10, -1).mean(1)
+
+    expected = averaged(keras_model, views)
+    got = module.predict_images(image_bytes=tf.constant(encoded))["probabilities"].numpy()
+    assert relative_difference(got, expected) < 1e-5
+    fc7 = module.features_images(image_bytes=tf.constant(encoded))["fc7"].numpy()
+    assert relative_difference(fc7, averaged(feature_model(keras_model), views)) < 1e-5
+    # The mean's centre patch taken from every view (the export before issue 13) differs on this mean image.
+    views_of_pixels = tf.concat([data.ten_crop(tf.cast(image, tf.float32)) for image in decoded], 0)
+    assert relative_difference(averaged(keras_model, views_of_pixels - mean_crop(stats)), expected) > 1e-3
+
+
+def test_warmup_requests_parse_as_tf_serving_prediction_logs(exported, loaded):
+    apis = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2",
+                               reason="tensorflow-serving-api is not installed (the dev extra)")
+    records = list(tf.data.TFRecordDataset(str(exported / "assets.extra" / "tf_serving_warmup_requests")))
+    assert len(records) == 2
+    for size, record in zip((1, 2), records):
+        log = apis.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        assert log.WhichOneof("log_type") == "predict_log" and request.model_spec.signature_name == "predict_images"
+        assert request.model_spec.name == "alexnet" and list(request.inputs) == ["image_bytes"]
+        images = tf.make_ndarray(request.inputs["image_bytes"])
+        assert images.shape == (size,) and images.dtype == object
+        outputs = loaded["predict_images"](image_bytes=tf.constant(images))
+        assert outputs["probabilities"].shape == (size, 10)
 
 
 def test_fewer_than_five_classes_give_that_many_top_classes(stats):

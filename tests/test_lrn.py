@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet.lrn import LocalResponseNormalization, local_response_normalization
+from keras_alexnet.lrn import (LocalResponseNormalization, TowerLocalResponseNormalization,
+                               local_response_normalization)
 
 CASES = [  # shape, depth_radius, bias, alpha, beta
     ((2, 55, 55, 96), 2, 2.0, 1e-4, 0.75),   # conv1, the paper's constants
@@ -99,3 +100,17 @@ def test_layer_config_round_trip_and_keras_file(tmp_path):
     loaded = keras.models.load_model(tmp_path / "lrn.keras")
     x = np.random.default_rng(0).uniform(0, 20, (2, 6, 6, 10)).astype("float32")
     np.testing.assert_allclose(loaded(x), builtin(x, 3, 1.0, 2e-5, 0.5), rtol=1e-5)
+
+
+def test_tower_lrn_is_each_half_of_the_lrn_of_both_towers():
+    """Caffe normalises the 96 conv1 maps as one stack: each tower's half of tf.nn's LRN of the stack."""
+    rng = np.random.default_rng(7)
+    a, b = (tf.constant(rng.uniform(0, 60, (2, 5, 5, 48)), tf.float32) for _ in range(2))
+    want = builtin(tf.concat([a, b], -1), 2, 1.0, 2e-5, 0.75)
+    for tower in (0, 1):
+        layer = TowerLocalResponseNormalization(tower, bias=1.0, alpha=2e-5)
+        assert relative_error(layer([a, b]), want[..., 48 * tower:48 * (tower + 1)]) < 1e-6
+    own = LocalResponseNormalization(bias=1.0, alpha=2e-5)(a)  # Tower A alone differs at its last maps.
+    assert relative_error(own[..., :46], want[..., :46]) < 1e-6 and relative_error(own, want[..., :48]) > 1e-3
+    config = TowerLocalResponseNormalization(1, bias=1.0, alpha=2e-5).get_config()
+    assert TowerLocalResponseNormalization.from_config(config).tower == 1
