@@ -207,8 +207,7 @@ def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_fi
     assert bool(module.ten_crop.numpy())
     encoded = [Path(f).read_bytes() for f in image_files]
     decoded = tf.stack([data.decode_and_resize(e) for e in encoded])
-    source = data.Source(tf.data.Dataset.from_tensor_slices((decoded, tf.zeros([len(encoded)], tf.int32))),
-                         CLASSES, len(encoded), lambda: 0)
+    source = data.array_source(decoded, np.zeros(len(encoded)), CLASSES)
     views, _ = next(iter(data.eval_pipeline(source, len(encoded), stats, ten_crop=True)))
     views = tf.reshape(views, (-1, *INPUT_SHAPE))
 

@@ -226,15 +226,20 @@ def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_c
     run = tmp_path / "run"
     tiny_run(run, image_folder(tmp_path / "abc", ["ant", "bee", "cat"]), logical_cpus)
     files = {name: (run / name).read_bytes() for name in ("config.json", "labels.txt")}
-    cases = [
-        (dict(dataset=str(tmp_path / "abc"), batch_size=8), "was trained with --batch_size 4, not 8"),
-        (dict(dataset=image_folder(tmp_path / "def", ["dog", "eel", "fox"])),
-         "was trained on other classes than this dataset's (ant, bee, cat, dog, eel, fox)"),
-        (dict(dataset=image_folder(tmp_path / "abcd", ["ant", "bee", "cat", "dog"])), "(dog)"),
-    ]
-    for changes, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            tiny_run(run, logical_cpus=logical_cpus, **changes)
+    dataset = str(tmp_path / "abc")
+    with pytest.raises(ValueError, match=re.escape("was trained with --batch_size 4, not 8")):
+        tiny_run(run, dataset, logical_cpus, batch_size=8)
+    with pytest.raises(ValueError, match=re.escape(f"was trained with --dataset {dataset}, not ")):
+        tiny_run(run, image_folder(tmp_path / "def", ["dog", "eel", "fox"]), logical_cpus)
+    for split in ("train", "val"):  # The same folder, other classes: cat became cow, then dog joined.
+        (tmp_path / "abc" / split / "cat").rename(tmp_path / "abc" / split / "cow")
+    with pytest.raises(ValueError, match=re.escape("was trained on other classes than this dataset's (cat, cow)")):
+        tiny_run(run, dataset, logical_cpus)
+    for split in ("train", "val"):
+        (tmp_path / "abc" / split / "cow").rename(tmp_path / "abc" / split / "cat")
+    image_folder(tmp_path / "abc", ["dog"])
+    with pytest.raises(ValueError, match=re.escape("other classes than this dataset's (dog)")):
+        tiny_run(run, dataset, logical_cpus)
     assert {name: (run / name).read_bytes() for name in files} == files  # Never rewritten.
     assert int(tf.train.latest_checkpoint(run / "checkpoints").rsplit("-", 1)[1]) == 1
 
