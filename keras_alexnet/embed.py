@@ -20,7 +20,6 @@ appended to raw files and only the final checkpoint variable holds all N x 4096 
 import math
 import os
 import re
-import sys
 
 import keras
 import numpy as np
@@ -29,13 +28,12 @@ from absl import app, flags
 from PIL import Image
 from tensorboard.plugins import projector
 
-from keras_alexnet import data
+from keras_alexnet import cli, data
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
 METADATA, SPRITE, CHECKPOINT = "metadata.tsv", "sprite.png", "embedding.ckpt"
 THUMB, MAX_SPRITE = 64, 8192  # Thumbnail side and the projector's largest sprite side, in pixels.
-ERRORS = (ValueError, OSError, data.DataError, tf.errors.OpError)
 
 
 def load_features(saved_model):
@@ -197,11 +195,6 @@ def run(saved_model, logdir, images=None, dataset=None, split="validation", data
     return rows, examples.skipped
 
 
-def fail(error):
-    """Exits with status 1 and a one-line message: the CLIs' way of reporting bad input."""
-    sys.exit("error: " + " ".join(str(error).split()))
-
-
 FLAGS = flags.FLAGS
 
 
@@ -216,13 +209,11 @@ def define_flags():
     flags.DEFINE_string("logdir", "runs/embeddings", "Projector log dir to write (tensorboard --logdir).")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        rows, skipped = run(FLAGS.saved_model, FLAGS.logdir, FLAGS.images, FLAGS.dataset,
-                            FLAGS.split, FLAGS.data_dir, FLAGS.max_images, FLAGS.batch_size)
-    except ERRORS as error:
-        fail(error)
+    rows, skipped = run(FLAGS.saved_model, FLAGS.logdir, FLAGS.images, FLAGS.dataset,
+                        FLAGS.split, FLAGS.data_dir, FLAGS.max_images, FLAGS.batch_size)
     print(f"wrote {rows} fc7 embeddings to {FLAGS.logdir}; skipped {skipped} images that failed to decode")
 
 

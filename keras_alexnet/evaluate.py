@@ -5,13 +5,12 @@
 import json
 import math
 import os
-import sys
 
 import keras
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data
+from keras_alexnet import checkpoint, cli, data
 
 
 def make_eval_step(strategy, model):
@@ -72,14 +71,12 @@ def define_flags():
     flags.DEFINE_boolean("ten_crop", True, "Also report the paper's 10-crop test (section 4.1).")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        model, run, step = checkpoint.restore_model(FLAGS.model_dir or "")
-        source = data.load_source(FLAGS.dataset or run.config["dataset"], FLAGS.split,
-                                  FLAGS.data_dir or run.config.get("data_dir"))
-    except (FileNotFoundError, data.DataError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    model, run, step = checkpoint.restore_model(FLAGS.model_dir or "")
+    source = data.load_source(FLAGS.dataset or run.config["dataset"], FLAGS.split,
+                              FLAGS.data_dir or run.config.get("data_dir"))
     stats = data.Stats.load(run.stats_path)
     strategy = tf.distribute.get_strategy()
     eval_step = make_eval_step(strategy, model)

@@ -24,14 +24,13 @@ for `--inputs images=x.npy`, or with --bytes the encoded files, an object array 
 `--inputs image_bytes=x.npy`.
 """
 import os
-import sys
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data
+from keras_alexnet import checkpoint, cli, data
 from keras_alexnet.model import INPUT_SHAPE, feature_model
 
 IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
@@ -140,9 +139,7 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
         checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
         module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
         tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
-    tf.io.gfile.rename(staging, path)
+    cli.replace_dir(staging, path)
     return path
 
 
@@ -183,25 +180,26 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_bool("bytes", False, "--make_npy writes the encoded files (for image_bytes), not pixels.")
 
 
+@cli.reports_errors()
 def main(argv):
-    try:
-        if FLAGS.make_npy:
-            if not FLAGS.out:
-                raise ValueError("--make_npy needs --out=FILE.npy")
-            shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
-            print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
-            return
-        if len(argv) > 1:
-            raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (image files need --make_npy)")
-        if not FLAGS.model_dir or not FLAGS.export_dir:
-            raise ValueError("--model_dir and --export_dir are required")
-        model, run, step = checkpoint.restore_model(FLAGS.model_dir)
-        stats = data.Stats.load(run.stats_path)
-        version = step if FLAGS.version is None else FLAGS.version
-        path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop)
-    except (ValueError, OSError, data.DataError, tf.errors.OpError) as error:
-        sys.exit("error: " + " ".join(str(error).split()))
+    if FLAGS.make_npy:
+        if not FLAGS.out:
+            raise ValueError("--make_npy needs --out=FILE.npy")
+        shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
+        print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
+        return
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (image files need --make_npy)")
+    if not FLAGS.model_dir or not FLAGS.export_dir:
+        raise ValueError("--model_dir and --export_dir are required")
+    model, run, step = checkpoint.restore_model(FLAGS.model_dir)
+    stats = data.Stats.load(run.stats_path)
+    version = step if FLAGS.version is None else FLAGS.version
+    replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))
+    path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop)
     print(f"exported step {step} of {FLAGS.model_dir} to {path}")
+    if replaced:
+        print(f"replaced version {version}")
 
 
 if __name__ == "__main__":

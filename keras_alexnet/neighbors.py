@@ -25,7 +25,7 @@ from PIL import Image
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import embed
+from keras_alexnet import cli, embed
 
 Embedded = collections.namedtuple("Embedded", ["fc7", "files", "labels", "thumbs"])
 GAP, CHUNK = 2, 8192  # White pixels between tiles; index rows per distance block.
@@ -124,13 +124,10 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 64, "Images per call of the signature.")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        png, tsv = run(FLAGS.saved_model, FLAGS.index, FLAGS.queries, FLAGS.k, FLAGS.output_dir,
-                       FLAGS.batch_size)
-    except embed.ERRORS as error:
-        embed.fail(error)
+    png, tsv = run(FLAGS.saved_model, FLAGS.index, FLAGS.queries, FLAGS.k, FLAGS.output_dir, FLAGS.batch_size)
     print(f"wrote {png} and {tsv}")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from keras_alexnet import checkpoint, data, evaluate, export, filters
+from keras_alexnet import checkpoint, cli, data, evaluate, export, filters
 from keras_alexnet.model import INITS, build_alexnet
 
 FLAGS = flags.FLAGS
@@ -417,15 +417,13 @@ def _write_epoch_summaries(writers, model, step, train_metrics, val_metrics, chi
             tf.summary.scalar(f"epoch_{key}", val_metrics[key])
 
 
+@cli.reports_errors(TrainingStuck)
 def main(argv):
     del argv
-    try:
-        config = config_from_flags()
-        split_cpu(config.cpu_devices)
-        strategy, plan = make_strategy(config.towers_per_replica)
-        train(config, strategy, plan)
-    except (ValueError, FileNotFoundError, TrainingStuck) as error:
-        sys.exit(f"error: {error}")
+    config = config_from_flags()
+    split_cpu(config.cpu_devices)
+    strategy, plan = make_strategy(config.towers_per_replica)
+    train(config, strategy, plan)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import checkpoint, data, embed, filters, neighbors
+from keras_alexnet import checkpoint, cli, data, embed, filters, neighbors
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet
 
@@ -146,7 +146,7 @@ def test_embed_real_photos_flat_folder(saved_model, tmp_path):
     ({"images": ".", "max_images": 0}, "--max_images must be positive"),
 ])
 def test_embed_bad_input(saved_model, tmp_path, kwargs, message):
-    with pytest.raises(embed.ERRORS, match=message):
+    with pytest.raises(cli.USER_ERRORS, match=message):
         embed.run(saved_model, str(tmp_path), **kwargs)
 
 

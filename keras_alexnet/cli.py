@@ -1,0 +1,55 @@
+"""What every command shares: bad input ends as one line `error: ...` and exit status 1.
+
+    @cli.reports_errors()
+    def main(argv): ...
+
+User-facing errors are ValueError (data.DataError too), OSError (missing, read-only, a file where a
+folder belongs, ...) and TensorFlow's OpError (the first line of its message, without the graph
+dump); Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and keeps its traceback.
+"""
+import functools
+import os
+import sys
+
+import tensorflow as tf
+
+USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
+
+
+def one_line(error):
+    """The first line of an error's message (an OpError's own message, not its op and graph context)."""
+    text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+
+
+def reports_errors(*more_errors):
+    """Decorator for an absl main: USER_ERRORS (and `more_errors`) exit with one line and status 1."""
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(argv):
+            try:
+                return main(argv)
+            except USER_ERRORS + more_errors as error:
+                sys.exit(f"error: {one_line(error)}")
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                sys.exit(130)
+        return wrapped
+    return decorate
+
+
+def replace_dir(staging, path):
+    """Renames the finished directory `staging` to `path`; returns True if an old `path` was replaced.
+
+    The old directory is moved aside first and deleted last, so `path` is never half written.
+    """
+    replaced = tf.io.gfile.exists(path)
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+    if tf.io.gfile.exists(old):
+        tf.io.gfile.rmtree(old)
+    if replaced:
+        tf.io.gfile.rename(path, old)
+    tf.io.gfile.rename(staging, path)
+    if replaced:
+        tf.io.gfile.rmtree(old)
+    return replaced
