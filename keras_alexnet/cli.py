@@ -9,6 +9,7 @@ dump); Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and
 """
 import functools
 import os
+import re
 import sys
 
 import tensorflow as tf
@@ -17,9 +18,13 @@ USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
 
 
 def one_line(error):
-    """The first line of an error's message (an OpError's own message, not its op and graph context)."""
+    """The first line of an error's message; of an OpError, its own message, not the graph's context."""
     text = error.message if isinstance(error, tf.errors.OpError) else str(error)
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    lines = [line for line in text.splitlines() if line.strip() and not line[0].isspace()
+             and not line.startswith(("Graph execution error:", "Detected at node"))]
+    line = lines[0].strip() if lines else type(error).__name__
+    assertion = re.fullmatch(r"assertion failed: \[(.*)\]", line)  # tf.debugging.Assert's wrapping.
+    return assertion.group(1) if assertion else line
 
 
 def reports_errors(*more_errors):

@@ -19,7 +19,9 @@ from keras_alexnet import synthetic
 IMAGE_SIZE = 256
 CROP_SIZE = 227
 MIN_SIDE = 8  # Decodable images smaller than this (tracking pixels, placeholders) count as corrupt.
+MAX_MEGAPIXELS = 64  # Larger images are refused before decoding (a 48 KB PNG can claim 400 megapixels).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+FORMATS = "JPEG, PNG, GIF, BMP or WebP"  # Those whose size `image_size` reads from the header.
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -93,19 +95,75 @@ skipped: zero-argument callable, the number of distinct files found corrupt so f
 
 # ----------------------------------------------------------------------------- in-graph helpers
 
-def decode_and_resize(image_bytes):
-    """Scalar string (JPEG, PNG, GIF's first frame, BMP) -> uint8 [256, 256, 3] (section 2).
+def decode_and_resize(image_bytes, max_megapixels=MAX_MEGAPIXELS):
+    """Scalar string (JPEG, PNG, GIF's first frame, BMP, WebP) -> uint8 [256, 256, 3] (section 2).
 
     Greyscale, CMYK and RGBA become RGB; the shorter side is rescaled to 256 (bilinear, antialiased),
-    then the central 256x256 patch is cropped.
+    then the central 256x256 patch is cropped. Refused before decoding, by their header, with an
+    InvalidArgumentError that names the size: images above `max_megapixels` or under MIN_SIDE pixels a
+    side; and bytes of another format (also those tf.io.decode_image takes but whose size is not read
+    here, JPEG XL).
     """
-    return resize_and_crop(_decode(image_bytes))
+    return resize_and_crop(_decode(image_bytes, tf.cast(max_megapixels, tf.float64)))
 
 
-def _decode(image_bytes):
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+# A graph also when called eagerly: the error then reads "assertion failed: [image of ...]".
+@tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float64)])
+def _decode(image_bytes, max_megapixels=float(MAX_MEGAPIXELS)):
+    height, width = tf.unstack(image_size(image_bytes))
+    unknown = height < 0
+    too_small = tf.minimum(height, width) < MIN_SIDE
+    too_large = tf.cast(height * width, tf.float64) > max_megapixels * 1e6
+    size = tf.strings.format("image of {} x {} pixels is ", (width, height))
+    limit = tf.strings.as_string(tf.cast(max_megapixels, tf.float32), shortest=True)
+    why = tf.where(unknown, f"not a {FORMATS} image", tf.where(
+        too_small, size + f"under the minimum of {MIN_SIDE} pixels a side",
+        size + "above the limit of " + limit + " megapixels"))
+    with tf.control_dependencies([tf.debugging.Assert(~(unknown | too_small | too_large), [why])]):
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+HEADER = 30  # Bytes of an image file that hold its size (JPEG aside).
+
+
+def image_size(image_bytes):
+    """int64 [height, width] from the header of a JPEG, PNG, GIF, BMP or WebP, without decoding.
+
+    [-1, -1] for bytes of another kind.
+    """
+    head = tf.strings.join([tf.strings.substr(image_bytes, 0, HEADER), "\0" * HEADER])  # Short files: zeros.
+    head = tf.strings.substr(head, 0, HEADER)
+    digits = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def number(start, length, big_endian=False):
+        """The unsigned integer in bytes [start, start + length) of the header."""
+        places = range(length - 1, -1, -1) if big_endian else range(length)
+        return sum(digits[start + i] * 256 ** place for i, place in enumerate(places))
+
+    def starts(magic, at=0):
+        return tf.equal(tf.strings.substr(head, at, len(magic)), magic)
+
+    def bmp():  # A negative (two's complement) height: rows stored top to bottom.
+        height = number(22, 4)
+        return tf.stack([tf.where(height >= 2 ** 31, 2 ** 32 - height, height), number(18, 4)])
+
+    def webp_lossless():  # 14 bits width - 1, then 14 bits height - 1.
+        bits = number(21, 4)
+        return tf.stack([bits // 2 ** 14 % 2 ** 14 + 1, bits % 2 ** 14 + 1])
+
+    webp = starts(b"RIFF") & starts(b"WEBP", 8)
+    sizes = [  # (is this format, lambda: [height, width]), by the magic bytes tf.io.decode_image tests.
+        (starts(b"\xff\xd8\xff"), lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64)),
+        (starts(b"\x89PNG\r\n\x1a\n"), lambda: tf.stack([number(20, 4, True), number(16, 4, True)])),
+        (starts(b"GIF8"), lambda: tf.stack([number(8, 2), number(6, 2)])),  # The canvas TF decodes to.
+        (starts(b"BM"), bmp),
+        (webp & starts(b"VP8 ", 12), lambda: tf.stack([number(28, 2) % 2 ** 14, number(26, 2) % 2 ** 14])),
+        (webp & starts(b"VP8L", 12), webp_lossless),
+        (webp & starts(b"VP8X", 12), lambda: tf.stack([number(27, 3) + 1, number(24, 3) + 1])),
+    ]
+    return tf.case(sizes, default=lambda: tf.constant([-1, -1], tf.int64))
 
 
 def resize_and_crop(image, size=IMAGE_SIZE):
@@ -267,10 +325,10 @@ def _tfds_source(name, split, data_dir, val_fraction):
 def _decode_files(files, count, decode):
     """(file, label) -> (uint8 [256, 256, 3], label) for `count` files, dropping undecodable ones.
 
-    A file counts as corrupt when `decode` (reading and tf.io.decode_image) fails on it: unreadable,
-    empty, not an image, a JPEG cut short (TensorFlow refuses truncated JPEGs); or when the image is
-    smaller than MIN_SIDE. Each file is decoded in a one-element dataset whose errors are ignored, so
-    a failure yields a flag instead of stopping the pipeline.
+    A file counts as corrupt when `decode` (reading and `_decode`) fails on it: unreadable, empty, not
+    an image, a JPEG cut short (TensorFlow refuses truncated JPEGs), smaller than MIN_SIDE or larger
+    than MAX_MEGAPIXELS by its header. Each file is decoded in a one-element dataset whose errors are
+    ignored, so a failure yields a flag instead of stopping the pipeline.
     """
     with tf.device("/cpu:0"):
         bad = tf.Variable(tf.zeros([count], tf.bool), trainable=False, name="corrupt_files")
@@ -278,7 +336,6 @@ def _decode_files(files, count, decode):
 
     def try_decode(index, data, label):
         image = (tf.data.Dataset.from_tensors(data).map(decode).ignore_errors()
-                 .filter(lambda image: tf.reduce_min(tf.shape(image)[:2]) >= MIN_SIDE)
                  .map(lambda image: (resize_and_crop(image), True)))
         return image.concatenate(placeholder).take(1).map(lambda image, ok: (image, label, index, ok))
 

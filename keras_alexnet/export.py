@@ -60,8 +60,11 @@ def _image_bytes(image_bytes):
     return _checked(image_bytes, tf.rank(image_bytes) == 1, BYTES_EXPECTED, (None,))
 
 
-def serving_module(model, class_names, stats, ten_crop=False):
+def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=data.MAX_MEGAPIXELS):
     """A tf.Module with the model's weights (each once), the mean image and the four signatures.
+
+    The bytes signatures refuse images above `max_megapixels` (stored as the variable of that name)
+    or under data.MIN_SIDE pixels a side, by their header, before decoding them.
 
     It tracks the raw variables, not the Keras model: a SavedModel of the Keras objects stores the
     weights twice, or does not run under saved_model_cli (variables not found).
@@ -74,6 +77,9 @@ def serving_module(model, class_names, stats, ten_crop=False):
     module.model_weights = [w.value for w in model.weights]
     module.mean_image = tf.Variable(data.center_crop(tf.constant(stats.mean_image, tf.float32)),
                                     trainable=False, name="mean_image")
+    if not max_megapixels > 0:
+        raise ValueError(f"--max_megapixels must be positive, got {max_megapixels}")
+    module.max_megapixels = tf.Variable(float(max_megapixels), trainable=False, name="max_megapixels")
 
     def predictions(probabilities):
         top = tf.math.top_k(probabilities, min(5, num_classes))
@@ -85,8 +91,8 @@ def serving_module(model, class_names, stats, ten_crop=False):
                        lambda: tf.zeros((0, net.output.shape[-1])))
 
     def run_on_bytes(net, image_bytes):
-        decoded = tf.map_fn(data.decode_and_resize, _image_bytes(image_bytes),
-                            fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
+        decoded = tf.map_fn(lambda one: data.decode_and_resize(one, module.max_megapixels),
+                            _image_bytes(image_bytes), fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
         decoded = tf.cast(decoded, tf.float32)
         if not ten_crop:
             return run(net, tf.ensure_shape(data.center_crop(decoded), (None, *INPUT_SHAPE)))
@@ -121,7 +127,8 @@ def serving_module(model, class_names, stats, ten_crop=False):
 SIGNATURES = ("serving_default", "features", "predict_images", "features_images")
 
 
-def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False):
+def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False,
+                       max_megapixels=data.MAX_MEGAPIXELS):
     """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path.
 
     It is written beside it first and renamed into place, so a server watching EXPORT_DIR never
@@ -134,7 +141,7 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
     staging = os.path.join(export_dir, f".{version}.tmp")  # Not a number: TF Serving ignores it.
     if tf.io.gfile.exists(staging):
         tf.io.gfile.rmtree(staging)
-    module = serving_module(model, class_names, stats, ten_crop)
+    module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
         module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
@@ -155,8 +162,8 @@ def make_npy(paths, out, encoded=False):
             files.append(f.read())
         try:  # Also with --bytes: a file the signature cannot decode is better caught here.
             crops.append(data.center_crop(data.decode_and_resize(files[-1])))
-        except tf.errors.InvalidArgumentError:
-            raise data.DataError(f"{path} is not a JPEG, PNG, GIF or BMP image") from None
+        except tf.errors.InvalidArgumentError as error:
+            raise data.DataError(f"{path}: {cli.one_line(error)}") from None
     if encoded:
         array = np.empty(len(files), object)  # saved_model_cli np.loads with allow_pickle=True.
         array[:] = files
@@ -175,6 +182,8 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_string("export_dir", None, "Write the SavedModel to EXPORT_DIR/VERSION/.")
     flags.DEFINE_integer("version", None, "Version directory; default: the checkpoint's training step.")
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
+    flags.DEFINE_float("max_megapixels", data.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
+                       "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
     flags.DEFINE_bool("make_npy", False, "Instead of exporting: write the image files given as arguments to --out.")
     flags.DEFINE_string("out", None, "The .npy that --make_npy writes.")
     flags.DEFINE_bool("bytes", False, "--make_npy writes the encoded files (for image_bytes), not pixels.")
@@ -196,7 +205,8 @@ def main(argv):
     stats = data.Stats.load(run.stats_path)
     version = step if FLAGS.version is None else FLAGS.version
     replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))
-    path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop)
+    path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop,
+                              FLAGS.max_megapixels)
     print(f"exported step {step} of {FLAGS.model_dir} to {path}")
     if replaced:
         print(f"replaced version {version}")

@@ -96,6 +96,26 @@ def test_decode_formats_give_rgb(fmt, mode):
     assert np.abs(out.astype(int) - colour).max() <= tolerance, out.reshape(-1, 3).mean(0)
 
 
+@pytest.mark.parametrize("fmt, options", [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("WEBP", {}),
+                                          ("WEBP", {"lossless": True}), ("WEBP", {"exif": b"Exif\0\0x"})])
+def test_image_size_reads_the_header_as_decoding_finds_it(fmt, options):
+    for height, width in [(20, 37), (301, 9)]:
+        encoded = io.BytesIO()
+        Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(encoded, fmt, **options)
+        assert data.image_size(encoded.getvalue()).numpy().tolist() == [height, width]
+        assert tf.io.decode_image(encoded.getvalue(), expand_animations=False).shape[:2] == (height, width)
+
+
+def test_image_size_of_a_top_down_bmp_and_of_no_image():
+    bmp = bytearray(encode(np.zeros((20, 30, 3), np.uint8), "BMP"))
+    bmp[22:26] = (-20).to_bytes(4, "little", signed=True)  # Rows stored top to bottom.
+    assert data.image_size(bytes(bmp)).numpy().tolist() == [20, 30] == list(tf.io.decode_image(bytes(bmp)).shape[:2])
+    for junk in [b"", b"GIF", b"not an image"]:
+        assert data.image_size(junk).numpy().tolist() == [-1, -1]
+        with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF, BMP or WebP image"):
+            data.decode_and_resize(junk)
+
+
 def test_center_crop_single_and_batch():
     images = np.random.default_rng(2).random((2, 256, 250, 3)).astype(np.float32)
     np.testing.assert_array_equal(data.center_crop(images).numpy(), images[:, 14:241, 11:238])
