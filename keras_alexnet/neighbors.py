@@ -10,7 +10,8 @@ is ranked against an index by the Euclidean distance of fc7 vectors.
 --index is either a log dir written by keras_alexnet.embed (its checkpointed fc7 variable,
 metadata.tsv and sprite.png are read back, nothing is recomputed; the grid shows the sprite's
 thumbnails) or a folder of images, embedded here through the same `features` signature as the
-queries. An embed log dir must come from the same --saved_model, or the distances mean nothing.
+queries. An embed log dir must come from the same --saved_model, or the distances mean nothing: its
+export.json names the export's fingerprint, and another one is refused.
 Writes OUTPUT_DIR/neighbors.png (one row a query: the query, then its k nearest, closest first) and
 OUTPUT_DIR/neighbors.tsv (query, rank, file, label, distance).
 """
@@ -93,6 +94,11 @@ def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64)
         raise ValueError(f"-k must be positive, got {k}")
     features = embed.load_features(saved_model)
     if os.path.isfile(os.path.join(index, projector_metadata.PROJECTOR_FILENAME)):
+        made_by, ours = embed.embedded_with(index), embed.fingerprint(saved_model)
+        if made_by["fingerprint"] != ours:
+            raise ValueError(f"--index {index} was embedded by {made_by['saved_model']} (fingerprint "
+                             f"{made_by['fingerprint'][:12]}), not by --saved_model {saved_model} ({ours[:12]}): "
+                             "its distances would mean nothing; run embed with this export")
         found = read_logdir(index)
     else:
         found = embed_folder(features, index, batch_size)
