@@ -213,7 +213,7 @@ _pca_lighting, _ten_crop = pca_lighting, ten_crop  # For the pipelines, whose ar
 
 # ----------------------------------------------------------------------------- sources
 
-def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0):
+def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_names=None):
     """The `split` of `dataset` as a `Source`.
 
     dataset: "synthetic" (built-in, see keras_alexnet.synthetic), a folder of class folders, or a
@@ -224,16 +224,35 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0):
         `val_fraction` of the files whose path hash falls below it: the same for every seed. Classes are
         the sorted folder names. `seed` fixes the (shuffled) order of the files. TFDS datasets
         without a validation split use the last `val_fraction` of "train" (TFDS slicing) instead.
+    class_names: the label of each class name (e.g. a run's labels.txt): the split's classes are
+        matched to them by name, and a class not among them is a DataError naming it; a split may
+        have fewer. Default: the dataset's own (for folders, the training split's folders).
     Undecodable files (truncated, empty, not an image, smaller than MIN_SIDE) are skipped and counted.
     """
     split = {"val": "validation"}.get(split, split)
     if dataset == "synthetic":
-        return _synthetic_source(split)
-    if tf.io.gfile.isdir(dataset):
-        return _folder_source(dataset, split, val_fraction, seed)
-    if dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
+        source = _synthetic_source(split)
+    elif tf.io.gfile.isdir(dataset):
+        return _folder_source(dataset, split, val_fraction, seed, class_names)
+    elif dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
         raise DataError(f"dataset folder {dataset} does not exist")
-    return _tfds_source(dataset, split, data_dir, val_fraction)
+    else:
+        source = _tfds_source(dataset, split, data_dir, val_fraction)
+    if class_names is None or list(class_names) == source.class_names:
+        return source
+    labels = tf.constant(_labels_by_name(source.class_names, class_names, f"{dataset} ({split})"), tf.int32)
+    return source._replace(images=source.images.map(lambda image, label: (image, tf.gather(labels, label))),
+                           class_names=list(class_names))
+
+
+def _labels_by_name(names, class_names, where):
+    """The label in `class_names` of each of `names`, or a DataError naming those it lacks."""
+    unknown = [name for name in names if name not in class_names]
+    if unknown:
+        shown = lambda names: ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+        raise DataError(f"{where} has classes its labels do not know: {shown(unknown)} (the "
+                        f"{len(class_names)} known: {shown(list(class_names))})")
+    return [list(class_names).index(name) for name in names]
 
 
 def _synthetic_source(split):
@@ -242,7 +261,7 @@ def _synthetic_source(split):
     return Source(synthetic.dataset(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split], lambda: 0)
 
 
-def _folder_source(root, split, val_fraction, seed):
+def _folder_source(root, split, val_fraction, seed, class_names):
     subfolders = {name.rstrip("/") for name in tf.io.gfile.listdir(root)}
     val_name = next((name for name in ("val", "validation") if name in subfolders), None)
     if "train" in subfolders and val_name:
@@ -254,7 +273,12 @@ def _folder_source(root, split, val_fraction, seed):
         held_out = split == "validation"
     else:
         raise DataError(f"{root} has no split {split!r}; use train or validation")
-    class_names, paths, labels = _list_images(classes_root)
+    folders, paths, labels = _list_images(classes_root)
+    if class_names is None:  # The training split's folders define the labels.
+        class_names = folders if held_out is not None or split == "train" else \
+            _class_folders(os.path.join(root, "train"))
+    by_name = _labels_by_name(folders, class_names, classes_root)
+    labels = [by_name[label] for label in labels]
     if held_out is not None:
         keep = [(_path_fraction(os.path.relpath(p, classes_root)) < val_fraction) == held_out for p in paths]
         paths, labels = [p for p, k in zip(paths, keep) if k], [l for l, k in zip(labels, keep) if k]
@@ -264,14 +288,19 @@ def _folder_source(root, split, val_fraction, seed):
     files = tf.data.Dataset.from_tensor_slices(
         (np.array(paths, dtype=object)[order].astype(str), np.array(labels, np.int32)[order]))
     images, skipped = _decode_files(files, len(paths), lambda path: _decode(tf.io.read_file(path)))
-    return Source(images, class_names, len(paths), skipped)
+    return Source(images, list(class_names), len(paths), skipped)
+
+
+def _class_folders(root):
+    """The sorted names of the folders in `root`: its classes."""
+    entries = sorted(tf.io.gfile.listdir(root))
+    return [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
 
 
 def _list_images(root):
-    entries = sorted(tf.io.gfile.listdir(root))
-    class_names = [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
+    class_names = _class_folders(root)
     if not class_names:
-        what = "files but no class subfolders" if entries else "nothing"
+        what = "files but no class subfolders" if tf.io.gfile.listdir(root) else "nothing"
         raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
     paths, labels = [], []
     for label, name in enumerate(class_names):

@@ -281,6 +281,32 @@ def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
     assert data.load_source(str(tmp_path), "train").class_names == ["only"]
 
 
+def test_validation_folders_are_labelled_by_the_training_split_s_names(tmp_path):
+    for split, classes in [("train", ["ant", "bee", "cat"]), ("val", ["ant", "cat"])]:
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / name / f"{i}.png").write_bytes(encode(np.zeros((16, 16, 3), np.uint8)))
+    val = data.load_source(str(tmp_path), "validation")
+    assert val.class_names == ["ant", "bee", "cat"]
+    assert sorted(int(label) for _, label in val.images) == [0, 0, 2, 2]  # Not [0, 0, 1, 1]: cat is 2.
+    (tmp_path / "val" / "dog").mkdir()
+    with pytest.raises(data.DataError, match=r"val has classes its labels do not know: 'dog' \(the 3 known"):
+        data.load_source(str(tmp_path), "validation")
+    with pytest.raises(data.DataError, match="'ant', 'bee', 'cat'"):  # Another run's labels.
+        data.load_source(str(tmp_path), "train", class_names=["dog", "eel"])
+
+
+def test_other_sources_are_labelled_by_name_too():
+    names = list(reversed(synthetic.CLASS_NAMES))
+    source = data.load_source("synthetic", "validation", class_names=names)
+    own = data.load_source("synthetic", "validation")
+    assert source.class_names == names
+    assert [int(y) for _, y in source.images.take(10)] == [9 - int(y) for _, y in own.images.take(10)]
+    with pytest.raises(data.DataError, match=r"synthetic \(validation\) has classes its labels do not know"):
+        data.load_source("synthetic", "validation", class_names=names[1:])
+
+
 def test_clear_errors(tmp_path, image_folder):
     (tmp_path / "empty").mkdir()
     (tmp_path / "flat").mkdir()
@@ -402,5 +428,11 @@ def test_tfds_source_decodes_and_holds_out_validation(tmp_path):
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and label.dtype == np.int32
             assert np.all(image == (220 if label else 30))
     assert data.load_source("alexnet_test_images", "train[:50%]", data_dir=str(tmp_path)).num_examples == 10
+    by_name = data.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light", "x", "dark"])
+    for image, label in by_name.images.as_numpy_iterator():  # A run's labels: light is 0 and dark 2.
+        assert label == {220: 0, 30: 2}[int(image[0, 0, 0])]
+    with pytest.raises(data.DataError, match=r"alexnet_test_images \(validation\) has classes its labels do "
+                                             r"not know: 'dark' \(the 1 known: 'light'\)"):
+        data.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light"])
     with pytest.raises(data.DataError, match="'alexnet_test_images' has no split 'test'"):
         data.load_source("alexnet_test_images", "test", data_dir=str(tmp_path))
