@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -69,7 +70,12 @@ class Stats:
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(f"statistics file {path} does not exist")
         with tf.io.gfile.GFile(path, "rb") as f:
-            arrays = np.load(io.BytesIO(f.read()))
+            try:
+                arrays = np.load(io.BytesIO(f.read()))
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile):  # Text gets numpy's pickle message.
+                arrays = None
+            if not isinstance(arrays, np.lib.npyio.NpzFile):  # Also a lone .npy array.
+                raise DataError(f"statistics file {path} is not an .npz of python -m keras_alexnet.stats")
             missing = {f.name for f in dataclasses.fields(cls)} - set(arrays.files)
             if missing:
                 raise DataError(f"statistics file {path} lacks {', '.join(sorted(missing))}")

@@ -134,8 +134,11 @@ def make_strategy(towers_per_replica):
     # Local names ("/device:GPU:1"): inside a replica they take the replica's job and task.
     devices = [f"/device:{d.device_type}:{d.name.rsplit(':', 1)[1]}" for d in
                tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+    if towers_per_replica == 2 and len(devices) % 2 and len(devices) > 1:
+        raise ValueError(f"--towers_per_replica=2 pairs the {len(devices)} devices, and {devices[-1]} would be "
+                         "left unused: use an even number of devices (--cpu_devices) or --towers_per_replica=1")
     pairs = [(d, d) for d in devices] if towers_per_replica == 1 or len(devices) == 1 else \
-        [tuple(devices[i:i + 2]) for i in range(0, len(devices) - 1, 2)]
+        [tuple(devices[i:i + 2]) for i in range(0, len(devices), 2)]
     if strategy:
         replicas = strategy.extended.worker_devices
     else:

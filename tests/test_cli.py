@@ -43,6 +43,18 @@ def test_train_model_dir_that_cannot_be_written(case, a_file):
                              "read-only": READ_ONLY}[case])
 
 
+def test_train_stats_that_is_a_text_file(a_file):
+    result = run_program("train", "--dataset=synthetic", f"--stats={a_file}", f"--model_dir={a_file}.run")
+    assert_one_line(result, f"statistics file {a_file} is not an .npz of python -m keras_alexnet.stats")
+
+
+def test_an_odd_number_of_devices_for_two_towers_names_the_unused_one(tmp_path):
+    result = run_program("train", "--dataset=synthetic", "--cpu_devices=3", "--towers_per_replica=2",
+                         f"--model_dir={tmp_path}")
+    assert_one_line(result, "/device:CPU:2 would be left unused")
+    assert not list(tmp_path.iterdir())  # Refused before anything was written.
+
+
 def test_stats_output_on_a_read_only_path(tmp_path):
     (tmp_path / "data" / "only").mkdir(parents=True)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "only" / "a.png")

@@ -70,6 +70,16 @@ def image_folder(tmp_path_factory):
     return root, good, 4
 
 
+def test_a_stats_file_that_is_no_npz_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("mean: 120\n")
+    np.save(tmp_path / "mean.npy", np.zeros(3))
+    data.Stats.imagenet().save(str(tmp_path / "whole.npz"))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:100])
+    for name in ("notes.txt", "mean.npy", "cut.npz"):
+        with pytest.raises(data.DataError, match=f"statistics file .*{name} is not an .npz of python -m keras"):
+            data.Stats.load(str(tmp_path / name))
+
+
 # ----------------------------------------------------------------------------- in-graph helpers
 
 def test_decode_and_resize_shorter_side_then_centre(coordinates):
