@@ -44,17 +44,15 @@ def reports_errors(*more_errors):
 
 
 def replace_dir(staging, path):
-    """Renames the finished directory `staging` to `path`; returns True if an old `path` was replaced.
+    """Renames the finished directory `staging` to `path`, replacing an old `path`.
 
     The old directory is moved aside first and deleted last, so `path` is never half written.
     """
-    replaced = tf.io.gfile.exists(path)
     old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
     if tf.io.gfile.exists(old):
         tf.io.gfile.rmtree(old)
-    if replaced:
+    if tf.io.gfile.exists(path):
         tf.io.gfile.rename(path, old)
     tf.io.gfile.rename(staging, path)
-    if replaced:
+    if tf.io.gfile.exists(old):
         tf.io.gfile.rmtree(old)
-    return replaced

@@ -255,7 +255,7 @@ def _labels_by_name(names, class_names, where):
     """The label in `class_names` of each of `names`, or a DataError naming those it lacks."""
     unknown = [name for name in names if name not in class_names]
     if unknown:
-        shown = lambda names: ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+        shown = lambda some: ", ".join(map(repr, some[:10])) + (", ..." if len(some) > 10 else "")
         raise DataError(f"{where} has classes its labels do not know: {shown(unknown)} (the "
                         f"{len(class_names)} known: {shown(list(class_names))})")
     return [list(class_names).index(name) for name in names]

@@ -72,13 +72,13 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=dat
     num_classes = model.output.shape[-1]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a model of {num_classes} classes")
+    if not max_megapixels > 0:
+        raise ValueError(f"--max_megapixels must be positive, got {max_megapixels}")
     features = feature_model(model)
     module = tf.Module()
     module.model_weights = [w.value for w in model.weights]
     module.mean_image = tf.Variable(data.center_crop(tf.constant(stats.mean_image, tf.float32)),
                                     trainable=False, name="mean_image")
-    if not max_megapixels > 0:
-        raise ValueError(f"--max_megapixels must be positive, got {max_megapixels}")
     module.max_megapixels = tf.Variable(float(max_megapixels), trainable=False, name="max_megapixels")
 
     def predictions(probabilities):
