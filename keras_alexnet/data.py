@@ -82,10 +82,12 @@ class Stats:
             return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls)})
 
     def save(self, path):
+        """Writes the .npz to a temporary name, renamed to `path` once complete."""
         buffer = io.BytesIO()
         np.savez(buffer, **dataclasses.asdict(self))
-        with tf.io.gfile.GFile(path, "wb") as f:
+        with tf.io.gfile.GFile(f"{path}.tmp", "wb") as f:
             f.write(buffer.getvalue())
+        tf.io.gfile.rename(f"{path}.tmp", str(path), overwrite=True)
 
 
 Source = collections.namedtuple("Source", ["images", "class_names", "num_examples", "skipped"])
