@@ -11,12 +11,11 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data, metrics, train
+from keras_alexnet import checkpoint, cli, data, metrics, train
 
 VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
     "baseline": ("the paper's network", {}, {}),
@@ -136,15 +135,13 @@ def run_ablation(base, names, output_dir):
     return markdown
 
 
+@cli.reports_errors(RuntimeError)
 def main(argv):
     del argv
-    try:
-        unknown = set(FLAGS.variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-        run_ablation(train.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
+    unknown = set(FLAGS.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    run_ablation(train.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 import io
 import math
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -20,7 +21,9 @@ from keras_alexnet import synthetic
 IMAGE_SIZE = 256
 CROP_SIZE = 227
 MIN_SIDE = 8  # Decodable images smaller than this (tracking pixels, placeholders) count as corrupt.
+MAX_MEGAPIXELS = 64  # Larger images are refused before decoding (a 48 KB PNG can claim 400 megapixels).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+FORMATS = "JPEG, PNG, GIF, BMP or WebP"  # Those whose size `image_size` reads from the header.
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -68,17 +71,24 @@ class Stats:
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(f"statistics file {path} does not exist")
         with tf.io.gfile.GFile(path, "rb") as f:
-            arrays = np.load(io.BytesIO(f.read()))
+            try:
+                arrays = np.load(io.BytesIO(f.read()))
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile):  # Text gets numpy's pickle message.
+                arrays = None
+            if not isinstance(arrays, np.lib.npyio.NpzFile):  # Also a lone .npy array.
+                raise DataError(f"statistics file {path} is not an .npz of python -m keras_alexnet.stats")
             missing = {f.name for f in dataclasses.fields(cls)} - set(arrays.files)
             if missing:
                 raise DataError(f"statistics file {path} lacks {', '.join(sorted(missing))}")
             return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls)})
 
     def save(self, path):
+        """Writes the .npz to a temporary name, renamed to `path` once complete."""
         buffer = io.BytesIO()
         np.savez(buffer, **dataclasses.asdict(self))
-        with tf.io.gfile.GFile(path, "wb") as f:
+        with tf.io.gfile.GFile(f"{path}.tmp", "wb") as f:
             f.write(buffer.getvalue())
+        tf.io.gfile.rename(f"{path}.tmp", str(path), overwrite=True)
 
 
 Source = collections.namedtuple("Source", ["records", "load", "class_names", "num_examples"])
@@ -100,19 +110,75 @@ def array_source(images, labels, class_names):
 
 # ----------------------------------------------------------------------------- in-graph helpers
 
-def decode_and_resize(image_bytes):
-    """Scalar string (JPEG, PNG, GIF's first frame, BMP) -> uint8 [256, 256, 3] (section 2).
+def decode_and_resize(image_bytes, max_megapixels=MAX_MEGAPIXELS):
+    """Scalar string (JPEG, PNG, GIF's first frame, BMP, WebP) -> uint8 [256, 256, 3] (section 2).
 
     Greyscale, CMYK and RGBA become RGB; the shorter side is rescaled to 256 (bilinear, antialiased),
-    then the central 256x256 patch is cropped.
+    then the central 256x256 patch is cropped. Refused before decoding, by their header, with an
+    InvalidArgumentError that names the size: images above `max_megapixels` or under MIN_SIDE pixels a
+    side; and bytes of another format (also those tf.io.decode_image takes but whose size is not read
+    here, JPEG XL).
     """
-    return resize_and_crop(_decode(image_bytes))
+    return resize_and_crop(_decode(image_bytes, tf.cast(max_megapixels, tf.float64)))
 
 
-def _decode(image_bytes):
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+# A graph also when called eagerly: the error then reads "assertion failed: [image of ...]".
+@tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float64)])
+def _decode(image_bytes, max_megapixels=float(MAX_MEGAPIXELS)):
+    height, width = tf.unstack(image_size(image_bytes))
+    unknown = height < 0
+    too_small = tf.minimum(height, width) < MIN_SIDE
+    too_large = tf.cast(height * width, tf.float64) > max_megapixels * 1e6
+    size = tf.strings.format("image of {} x {} pixels is ", (width, height))
+    limit = tf.strings.as_string(tf.cast(max_megapixels, tf.float32), shortest=True)
+    why = tf.where(unknown, f"not a {FORMATS} image", tf.where(
+        too_small, size + f"under the minimum of {MIN_SIDE} pixels a side",
+        size + "above the limit of " + limit + " megapixels"))
+    with tf.control_dependencies([tf.debugging.Assert(~(unknown | too_small | too_large), [why])]):
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+HEADER = 30  # Bytes of an image file that hold its size (JPEG aside).
+
+
+def image_size(image_bytes):
+    """int64 [height, width] from the header of a JPEG, PNG, GIF, BMP or WebP, without decoding.
+
+    [-1, -1] for bytes of another kind.
+    """
+    head = tf.strings.join([tf.strings.substr(image_bytes, 0, HEADER), "\0" * HEADER])  # Short files: zeros.
+    head = tf.strings.substr(head, 0, HEADER)
+    digits = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def number(start, length, big_endian=False):
+        """The unsigned integer in bytes [start, start + length) of the header."""
+        places = range(length - 1, -1, -1) if big_endian else range(length)
+        return sum(digits[start + i] * 256 ** place for i, place in enumerate(places))
+
+    def starts(magic, at=0):
+        return tf.equal(tf.strings.substr(head, at, len(magic)), magic)
+
+    def bmp():  # A negative (two's complement) height: rows stored top to bottom.
+        height = number(22, 4)
+        return tf.stack([tf.where(height >= 2 ** 31, 2 ** 32 - height, height), number(18, 4)])
+
+    def webp_lossless():  # 14 bits width - 1, then 14 bits height - 1.
+        bits = number(21, 4)
+        return tf.stack([bits // 2 ** 14 % 2 ** 14 + 1, bits % 2 ** 14 + 1])
+
+    webp = starts(b"RIFF") & starts(b"WEBP", 8)
+    sizes = [  # (is this format, lambda: [height, width]), by the magic bytes tf.io.decode_image tests.
+        (starts(b"\xff\xd8\xff"), lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64)),
+        (starts(b"\x89PNG\r\n\x1a\n"), lambda: tf.stack([number(20, 4, True), number(16, 4, True)])),
+        (starts(b"GIF8"), lambda: tf.stack([number(8, 2), number(6, 2)])),  # The canvas TF decodes to.
+        (starts(b"BM"), bmp),
+        (webp & starts(b"VP8 ", 12), lambda: tf.stack([number(28, 2) % 2 ** 14, number(26, 2) % 2 ** 14])),
+        (webp & starts(b"VP8L", 12), webp_lossless),
+        (webp & starts(b"VP8X", 12), lambda: tf.stack([number(27, 3) + 1, number(24, 3) + 1])),
+    ]
+    return tf.case(sizes, default=lambda: tf.constant([-1, -1], tf.int64))
 
 
 def resize_and_crop(image, size=IMAGE_SIZE):
@@ -162,7 +228,7 @@ _pca_lighting, _ten_crop = pca_lighting, ten_crop  # For the pipelines, whose ar
 
 # ----------------------------------------------------------------------------- sources
 
-def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0):
+def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_names=None):
     """The `split` of `dataset` as a `Source`.
 
     dataset: "synthetic" (built-in, see keras_alexnet.synthetic), a folder of class folders, or a
@@ -173,16 +239,36 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0):
         `val_fraction` of the files whose path hash falls below it: the same for every seed. Classes are
         the sorted folder names. `seed` fixes the (shuffled) order of the files. TFDS datasets
         without a validation split use the last `val_fraction` of "train" (TFDS slicing) instead.
-    Undecodable files (truncated, empty, not an image, smaller than MIN_SIDE) are skipped and counted.
+    class_names: the label of each class name (e.g. a run's labels.txt): the split's classes are
+        matched to them by name, and a class not among them is a DataError naming it; a split may
+        have fewer. Default: the dataset's own (for folders, the training split's folders).
+    Files that fail to load (truncated, empty, not an image, too small or too large) are flagged by
+    `load_images`.
     """
     split = {"val": "validation"}.get(split, split)
     if dataset == "synthetic":
-        return _synthetic_source(split)
-    if tf.io.gfile.isdir(dataset):
-        return _folder_source(dataset, split, val_fraction, seed)
-    if dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
+        source = _synthetic_source(split)
+    elif tf.io.gfile.isdir(dataset):
+        return _folder_source(dataset, split, val_fraction, seed, class_names)
+    elif dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
         raise DataError(f"dataset folder {dataset} does not exist")
-    return _tfds_source(dataset, split, data_dir, val_fraction)
+    else:
+        source = _tfds_source(dataset, split, data_dir, val_fraction)
+    if class_names is None or list(class_names) == source.class_names:
+        return source
+    labels = tf.constant(_labels_by_name(source.class_names, class_names, f"{dataset} ({split})"), tf.int32)
+    return source._replace(records=source.records.map(lambda payload, label: (payload, tf.gather(labels, label))),
+                           class_names=list(class_names))
+
+
+def _labels_by_name(names, class_names, where):
+    """The label in `class_names` of each of `names`, or a DataError naming those it lacks."""
+    unknown = [name for name in names if name not in class_names]
+    if unknown:
+        shown = lambda some: ", ".join(map(repr, some[:10])) + (", ..." if len(some) > 10 else "")
+        raise DataError(f"{where} has classes its labels do not know: {shown(unknown)} (the "
+                        f"{len(class_names)} known: {shown(list(class_names))})")
+    return [list(class_names).index(name) for name in names]
 
 
 def _synthetic_source(split):
@@ -192,7 +278,7 @@ def _synthetic_source(split):
     return Source(records, synthetic.image_function(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split])
 
 
-def _folder_source(root, split, val_fraction, seed):
+def _folder_source(root, split, val_fraction, seed, class_names):
     subfolders = {name.rstrip("/") for name in tf.io.gfile.listdir(root)}
     val_name = next((name for name in ("val", "validation") if name in subfolders), None)
     if "train" in subfolders and val_name:
@@ -204,7 +290,12 @@ def _folder_source(root, split, val_fraction, seed):
         held_out = split == "validation"
     else:
         raise DataError(f"{root} has no split {split!r}; use train or validation")
-    class_names, paths, labels = _list_images(classes_root)
+    folders, paths, labels = _list_images(classes_root)
+    if class_names is None:  # The training split's folders define the labels.
+        class_names = folders if held_out is not None or split == "train" else \
+            _class_folders(os.path.join(root, "train"))
+    by_name = _labels_by_name(folders, class_names, classes_root)
+    labels = [by_name[label] for label in labels]
     if held_out is not None:
         keep = [(_path_fraction(os.path.relpath(p, classes_root)) < val_fraction) == held_out for p in paths]
         paths, labels = [p for p, k in zip(paths, keep) if k], [l for l, k in zip(labels, keep) if k]
@@ -213,14 +304,19 @@ def _folder_source(root, split, val_fraction, seed):
     order = np.random.default_rng(seed).permutation(len(paths))
     records = tf.data.Dataset.from_tensor_slices(
         (np.array(paths, dtype=object)[order].astype(str), np.array(labels, np.int32)[order]))
-    return Source(records, lambda path: _decode(tf.io.read_file(path)), class_names, len(paths))
+    return Source(records, lambda path: _decode(tf.io.read_file(path)), list(class_names), len(paths))
+
+
+def _class_folders(root):
+    """The sorted names of the folders in `root`: its classes."""
+    entries = sorted(tf.io.gfile.listdir(root))
+    return [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
 
 
 def _list_images(root):
-    entries = sorted(tf.io.gfile.listdir(root))
-    class_names = [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
+    class_names = _class_folders(root)
     if not class_names:
-        what = "files but no class subfolders" if entries else "nothing"
+        what = "files but no class subfolders" if tf.io.gfile.listdir(root) else "nothing"
         raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
     paths, labels = [], []
     for label, name in enumerate(class_names):
@@ -273,16 +369,15 @@ def _tfds_source(name, split, data_dir, val_fraction):
 def load_images(records, load):
     """(index, payload, label) -> (index, uint8 [256, 256, 3] image, ok, label), in order.
 
-    ok is False, and the image zeros, when `load` fails on the payload (unreadable, empty, not an
-    image, a JPEG cut short: TensorFlow refuses truncated JPEGs) or the image is smaller than
-    MIN_SIDE. Each payload is loaded in a one-element dataset whose errors are ignored, so a bad file
-    gives a flag instead of stopping the pipeline.
+    ok is False, and the image zeros, when `load` fails on the payload: unreadable, empty, not an
+    image, a JPEG cut short (TensorFlow refuses truncated JPEGs), smaller than MIN_SIDE or larger
+    than MAX_MEGAPIXELS by its header (`_decode`). Each payload is loaded in a one-element dataset
+    whose errors are ignored, so a bad file gives a flag instead of stopping the pipeline.
     """
     placeholder = tf.data.Dataset.from_tensors((tf.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8), False))
 
     def try_load(index, payload, label):
         image = (tf.data.Dataset.from_tensors(payload).map(load).ignore_errors()
-                 .filter(lambda image: tf.reduce_min(tf.shape(image)[:2]) >= MIN_SIDE)
                  .map(lambda image: (resize_and_crop(image), True)))
         return image.concatenate(placeholder).take(1).map(lambda image, ok: (index, image, ok, label))
 

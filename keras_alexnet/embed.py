@@ -11,6 +11,7 @@ through an exported SavedModel's `features` signature and writes a projector log
       fc7.npy                          the same fc7 [N, 4096] float32, for numpy / pandas
       sprite.png                       row-major thumbnails, ceil(sqrt(N)) a side, at most 8192 px
       projector_config.pbtxt
+      export.json                      path and fingerprint of the SavedModel (neighbors checks it)
 
     python -m keras_alexnet.embed --saved_model export/alexnet/1 --images photos/ --logdir runs/embeddings
     tensorboard --logdir runs/embeddings     # PROJECTOR tab
@@ -18,10 +19,12 @@ through an exported SavedModel's `features` signature and writes a projector log
 Memory stays bounded however many images there are: each batch's fc7 rows and thumbnails are
 appended to raw files and only the final checkpoint variable holds all N x 4096 floats.
 """
+import hashlib
+import json
 import math
 import os
 import re
-import sys
+import shutil
 
 import keras
 import numpy as np
@@ -29,14 +32,15 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 from tensorboard.plugins import projector
+from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import data
+from keras_alexnet import cli, data
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
 METADATA, SPRITE, CHECKPOINT, FC7 = "metadata.tsv", "sprite.png", "embedding.ckpt", "fc7.npy"
+EXPORT = "export.json"  # The path and fingerprint of the SavedModel that computed the rows.
 THUMB, MAX_SPRITE = 64, 8192  # Thumbnail side and the projector's largest sprite side, in pixels.
-ERRORS = (ValueError, OSError, data.DataError, tf.errors.OpError)
 
 
 def load_features(saved_model):
@@ -186,22 +190,53 @@ def write_projector(logdir, batches, total=None):
     return rows
 
 
+def fingerprint(saved_model):
+    """sha256 of the SavedModel's fingerprint.pb (saved_model.pb where there is none): which export it is."""
+    for name in ("fingerprint.pb", "saved_model.pb"):
+        if tf.io.gfile.exists(os.path.join(saved_model, name)):
+            with tf.io.gfile.GFile(os.path.join(saved_model, name), "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+    raise FileNotFoundError(f"{saved_model} is not a SavedModel: it has no saved_model.pb")
+
+
+def embedded_with(logdir):
+    """{"saved_model": path, "fingerprint": sha256} of the export that wrote an embed log dir."""
+    path = os.path.join(logdir, EXPORT)
+    if not os.path.isfile(path):
+        raise ValueError(f"{logdir} does not name the export that embedded it (no {EXPORT}): run embed again")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def run(saved_model, logdir, images=None, dataset=None, split="validation", data_dir=None,
         max_images=None, batch_size=64):
-    """Embeds the images and writes the projector log dir; returns (rows written, images skipped)."""
+    """Embeds the images and writes the projector log dir; returns (rows written, images skipped).
+
+    The log dir is written beside `logdir` and renamed over it when complete: a failure leaves an
+    existing log dir as it was. A folder that is not an embed log dir is never replaced.
+    """
     if not saved_model:
         raise ValueError("--saved_model is required")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    logdir = os.path.normpath(logdir)
+    if os.path.exists(logdir) and os.listdir(logdir) and not os.path.isfile(
+            os.path.join(logdir, projector_metadata.PROJECTOR_FILENAME)):
+        raise ValueError(f"--logdir {logdir} holds files but is no embed log dir: choose a new or empty folder")
     examples = Examples(images, dataset, split, data_dir, max_images)
     features = load_features(saved_model)
-    rows = write_projector(logdir, embedded_batches(features, examples, batch_size), examples.total)
+    staging = os.path.join(os.path.dirname(logdir), f".{os.path.basename(logdir)}.tmp")
+    try:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        rows = write_projector(staging, embedded_batches(features, examples, batch_size), examples.total)
+        with open(os.path.join(staging, EXPORT), "w", encoding="utf-8") as f:
+            json.dump({"saved_model": os.path.abspath(saved_model), "fingerprint": fingerprint(saved_model)}, f)
+        cli.replace_dir(staging, logdir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
     return rows, examples.skipped
-
-
-def fail(error):
-    """Exits with status 1 and a one-line message: the CLIs' way of reporting bad input."""
-    sys.exit("error: " + " ".join(str(error).split()))
 
 
 FLAGS = flags.FLAGS
@@ -218,13 +253,11 @@ def define_flags():
     flags.DEFINE_string("logdir", "runs/embeddings", "Projector log dir to write (tensorboard --logdir).")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        rows, skipped = run(FLAGS.saved_model, FLAGS.logdir, FLAGS.images, FLAGS.dataset,
-                            FLAGS.split, FLAGS.data_dir, FLAGS.max_images, FLAGS.batch_size)
-    except ERRORS as error:
-        fail(error)
+    rows, skipped = run(FLAGS.saved_model, FLAGS.logdir, FLAGS.images, FLAGS.dataset,
+                        FLAGS.split, FLAGS.data_dir, FLAGS.max_images, FLAGS.batch_size)
     print(f"wrote {rows} fc7 embeddings to {FLAGS.logdir}; skipped {skipped} images that failed to decode")
 
 

@@ -1,15 +1,24 @@
 """Top-1 / top-5 error of a model on a split, with the centre crop or the paper's 10-crop test (section 4.1).
 
     python -m keras_alexnet.evaluate --model_dir runs/alexnet [--ten_crop] [--split validation]
+
+Another --dataset is labelled by the run's labels.txt, by class name: it may have fewer classes, not
+others. The results go to MODEL_DIR/eval_<dataset>_<split>.json (or --output) and name both.
 """
 import json
 import os
-import sys
+import re
 
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data, metrics
+from keras_alexnet import checkpoint, cli, data, metrics
+
+
+def report_name(dataset, split):
+    """eval_<dataset>_<split>.json, of a folder's base name or a TFDS name; other characters become _."""
+    name = os.path.basename(os.path.normpath(dataset)) if tf.io.gfile.isdir(dataset) else dataset
+    return "eval_" + re.sub(r"[^\w.-]+", "_", f"{name}_{split}") + ".json"
 
 
 FLAGS = flags.FLAGS
@@ -21,34 +30,35 @@ def define_flags():
     flags.DEFINE_string("data_dir", None, "TFDS data directory; default: the run's own.")
     flags.DEFINE_string("split", "validation", "Split to evaluate.")
     flags.DEFINE_integer("batch_size", 64, "Images per batch (10-crop runs 10 views per image).")
-    flags.DEFINE_string("output", None, "JSON file for the results; default MODEL_DIR/eval_<split>.json.")
+    flags.DEFINE_string("output", None, "JSON file for the results; default MODEL_DIR/eval_<dataset>_<split>.json.")
     flags.DEFINE_boolean("ten_crop", True, "Also report the paper's 10-crop test (section 4.1).")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        model, run, step = checkpoint.restore_model(FLAGS.model_dir or "")
-        if not (FLAGS.dataset or run.config.get("dataset")):  # A converted model has no dataset of its own.
-            raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")
-        source = data.load_source(FLAGS.dataset or run.config["dataset"], FLAGS.split,
-                                  FLAGS.data_dir or run.config.get("data_dir"))
-    except (FileNotFoundError, data.DataError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    model, run, step = checkpoint.restore_model(FLAGS.model_dir or "")
+    dataset_name = FLAGS.dataset or run.config.get("dataset")
+    if not dataset_name:  # A converted model has no dataset of its own.
+        raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")
+    source = data.load_source(dataset_name, FLAGS.split, FLAGS.data_dir or run.config.get("data_dir"),
+                              class_names=run.class_names)  # The run's labels, by name.
     stats = data.Stats.load(run.stats_path)
     strategy = tf.distribute.get_strategy()
     eval_step = metrics.make_eval_step(strategy, model)
     results = {}
     for name, ten_crop in [("centre crop", False)] + [("10-crop", True)] * FLAGS.ten_crop:
         dataset = data.eval_pipeline(source, FLAGS.batch_size, stats, ten_crop=ten_crop)
-        results[name] = metrics.evaluate(eval_step, dataset, batches=data.eval_steps(source.num_examples, FLAGS.batch_size))
-    print(f"\n{FLAGS.split} of {FLAGS.dataset or run.config['dataset']} at step {step}:")
+        results[name] = metrics.evaluate(eval_step, dataset, batches=data.eval_steps(source.num_examples,
+                                                                                      FLAGS.batch_size))
+    print(f"\n{FLAGS.split} of {dataset_name} at step {step}:")
     print("| test | top-1 error | top-5 error | loss | images |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['top1_error']:.2%} | {r['top5_error']:.2%} | {r['loss']:.4f} | {r['images']} |")
-    output = FLAGS.output or os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
-    with tf.io.gfile.GFile(output, "w") as f:
-        json.dump({"step": step, "split": FLAGS.split, "results": results}, f, indent=2)
+    output = FLAGS.output or os.path.join(FLAGS.model_dir, report_name(dataset_name, FLAGS.split))
+    with tf.io.gfile.GFile(output + ".tmp", "w") as f:
+        json.dump({"step": step, "dataset": dataset_name, "split": FLAGS.split, "results": results}, f, indent=2)
+    tf.io.gfile.rename(output + ".tmp", output, overwrite=True)
     print(f"wrote {output}")
 
 

@@ -26,14 +26,13 @@ for `--inputs images=x.npy`, or with --bytes the encoded files, an object array 
 `--inputs image_bytes=x.npy`.
 """
 import os
-import sys
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data, warmup
+from keras_alexnet import checkpoint, cli, data, warmup
 from keras_alexnet.model import INPUT_SHAPE, feature_model
 
 IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
@@ -63,8 +62,11 @@ def _image_bytes(image_bytes):
     return _checked(image_bytes, tf.rank(image_bytes) == 1, BYTES_EXPECTED, (None,))
 
 
-def serving_module(model, class_names, stats, ten_crop=False):
+def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=data.MAX_MEGAPIXELS):
     """A tf.Module with the model's weights (each once), the mean image and the four signatures.
+
+    The bytes signatures refuse images above `max_megapixels` (stored as the variable of that name)
+    or under data.MIN_SIDE pixels a side, by their header, before decoding them.
 
     It tracks the raw variables, not the Keras model: a SavedModel of the Keras objects stores the
     weights twice, or does not run under saved_model_cli (variables not found).
@@ -72,11 +74,14 @@ def serving_module(model, class_names, stats, ten_crop=False):
     num_classes = model.output.shape[-1]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a model of {num_classes} classes")
+    if not max_megapixels > 0:
+        raise ValueError(f"--max_megapixels must be positive, got {max_megapixels}")
     features = feature_model(model)
     module = tf.Module()
     module.model_weights = [w.value for w in model.weights]
     module.mean_image = tf.Variable(stats.mean_image, trainable=False, name="mean_image")  # [256, 256, 3]
     module.ten_crop = tf.Variable(ten_crop, trainable=False, name="ten_crop")  # How predict_images crops.
+    module.max_megapixels = tf.Variable(float(max_megapixels), trainable=False, name="max_megapixels")
 
     def predictions(probabilities):
         top = tf.math.top_k(probabilities, min(5, num_classes))
@@ -92,8 +97,8 @@ def serving_module(model, class_names, stats, ten_crop=False):
 
     def run_on_bytes(net, image_bytes):
         """The mean image is subtracted before cropping, so each view loses its own patch of it (as evaluate)."""
-        decoded = tf.map_fn(data.decode_and_resize, _image_bytes(image_bytes),
-                            fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
+        decoded = tf.map_fn(lambda one: data.decode_and_resize(one, module.max_megapixels),
+                            _image_bytes(image_bytes), fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
         centred = tf.cast(decoded, tf.float32) - module.mean_image
         if not ten_crop:
             return run(net, tf.ensure_shape(data.center_crop(centred), (None, *INPUT_SHAPE)))
@@ -128,7 +133,8 @@ def serving_module(model, class_names, stats, ten_crop=False):
 SIGNATURES = ("serving_default", "features", "predict_images", "features_images")
 
 
-def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False):
+def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False,
+                       max_megapixels=data.MAX_MEGAPIXELS):
     """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path.
 
     It is written beside it first and renamed into place, so a server watching EXPORT_DIR never
@@ -141,15 +147,13 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
     staging = os.path.join(export_dir, f".{version}.tmp")  # Not a number: TF Serving ignores it.
     if tf.io.gfile.exists(staging):
         tf.io.gfile.rmtree(staging)
-    module = serving_module(model, class_names, stats, ten_crop)
+    module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
         module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
         tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
     warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
-    tf.io.gfile.rename(staging, path)
+    cli.replace_dir(staging, path)
     return path
 
 
@@ -165,8 +169,8 @@ def make_npy(paths, out, encoded=False):
             files.append(f.read())
         try:  # Also with --bytes: a file the signature cannot decode is better caught here.
             crops.append(data.center_crop(data.decode_and_resize(files[-1])))
-        except tf.errors.InvalidArgumentError:
-            raise data.DataError(f"{path} is not a JPEG, PNG, GIF or BMP image") from None
+        except tf.errors.InvalidArgumentError as error:
+            raise data.DataError(f"{path}: {cli.one_line(error)}") from None
     if encoded:
         array = np.empty(len(files), object)  # saved_model_cli np.loads with allow_pickle=True.
         array[:] = files
@@ -185,30 +189,34 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_string("export_dir", None, "Write the SavedModel to EXPORT_DIR/VERSION/.")
     flags.DEFINE_integer("version", None, "Version directory; default: the checkpoint's training step.")
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
+    flags.DEFINE_float("max_megapixels", data.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
+                       "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
     flags.DEFINE_bool("make_npy", False, "Instead of exporting: write the image files given as arguments to --out.")
     flags.DEFINE_string("out", None, "The .npy that --make_npy writes.")
     flags.DEFINE_bool("bytes", False, "--make_npy writes the encoded files (for image_bytes), not pixels.")
 
 
+@cli.reports_errors()
 def main(argv):
-    try:
-        if FLAGS.make_npy:
-            if not FLAGS.out:
-                raise ValueError("--make_npy needs --out=FILE.npy")
-            shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
-            print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
-            return
-        if len(argv) > 1:
-            raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (image files need --make_npy)")
-        if not FLAGS.model_dir or not FLAGS.export_dir:
-            raise ValueError("--model_dir and --export_dir are required")
-        model, run, step = checkpoint.restore_model(FLAGS.model_dir)
-        stats = data.Stats.load(run.stats_path)
-        version = step if FLAGS.version is None else FLAGS.version
-        path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop)
-    except (ValueError, OSError, data.DataError, tf.errors.OpError) as error:
-        sys.exit("error: " + " ".join(str(error).split()))
+    if FLAGS.make_npy:
+        if not FLAGS.out:
+            raise ValueError("--make_npy needs --out=FILE.npy")
+        shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
+        print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
+        return
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (image files need --make_npy)")
+    if not FLAGS.model_dir or not FLAGS.export_dir:
+        raise ValueError("--model_dir and --export_dir are required")
+    model, run, step = checkpoint.restore_model(FLAGS.model_dir)
+    stats = data.Stats.load(run.stats_path)
+    version = step if FLAGS.version is None else FLAGS.version
+    replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))
+    path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop,
+                              FLAGS.max_megapixels)
     print(f"exported step {step} of {FLAGS.model_dir} to {path}")
+    if replaced:
+        print(f"replaced version {version}")
 
 
 if __name__ == "__main__":

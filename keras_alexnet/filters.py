@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from keras_alexnet import checkpoint, embed
+from keras_alexnet import checkpoint, cli
 from keras_alexnet.model import TOWERS
 
 KERNEL_SHAPE = (11, 11, 3, 48)
@@ -93,12 +93,10 @@ def define_flags():
     flags.DEFINE_integer("scale", 4, "Nearest-neighbour upsampling of each 11 x 11 kernel.")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        saturations = run(FLAGS.output, FLAGS.model_dir, FLAGS.saved_model, FLAGS.columns, FLAGS.scale)
-    except embed.ERRORS as error:
-        embed.fail(error)
+    saturations = run(FLAGS.output, FLAGS.model_dir, FLAGS.saved_model, FLAGS.columns, FLAGS.scale)
     print(f"wrote {FLAGS.output}")
     for tower, value in saturations.items():
         print(f"tower {tower}: mean colour saturation (HSV chroma) of its kernels {value:.3f}")

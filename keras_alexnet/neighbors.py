@@ -10,7 +10,8 @@ is ranked against an index by the Euclidean distance of fc7 vectors.
 --index is either a log dir written by keras_alexnet.embed (its checkpointed fc7 variable,
 metadata.tsv and sprite.png are read back, nothing is recomputed; the grid shows the sprite's
 thumbnails) or a folder of images, embedded here through the same `features` signature as the
-queries. An embed log dir must come from the same --saved_model, or the distances mean nothing.
+queries. An embed log dir must come from the same --saved_model, or the distances mean nothing: its
+export.json names the export's fingerprint, and another one is refused.
 Writes OUTPUT_DIR/neighbors.png (one row a query, as Figure 4: the query set apart by a wider gap, then
 its k nearest, closest first, each captioned with its label and distance) and
 OUTPUT_DIR/neighbors.tsv (query, rank, file, label, distance).
@@ -27,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import embed
+from keras_alexnet import cli, embed
 
 Embedded = collections.namedtuple("Embedded", ["fc7", "files", "labels", "thumbs"])
 GAP, CHUNK = 2, 8192  # White pixels between tiles; index rows per distance block.
@@ -115,6 +116,11 @@ def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64)
         raise ValueError(f"-k must be positive, got {k}")
     features = embed.load_features(saved_model)
     if os.path.isfile(os.path.join(index, projector_metadata.PROJECTOR_FILENAME)):
+        made_by, ours = embed.embedded_with(index), embed.fingerprint(saved_model)
+        if made_by["fingerprint"] != ours:
+            raise ValueError(f"--index {index} was embedded by {made_by['saved_model']} (fingerprint "
+                             f"{made_by['fingerprint'][:12]}), not by --saved_model {saved_model} ({ours[:12]}): "
+                             "its distances would mean nothing; run embed with this export")
         found = read_logdir(index)
     else:
         found = embed_folder(features, index, batch_size)
@@ -148,13 +154,10 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 64, "Images per call of the signature.")
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        png, tsv = run(FLAGS.saved_model, FLAGS.index, FLAGS.queries, FLAGS.k, FLAGS.output_dir,
-                       FLAGS.batch_size)
-    except embed.ERRORS as error:
-        embed.fail(error)
+    png, tsv = run(FLAGS.saved_model, FLAGS.index, FLAGS.queries, FLAGS.k, FLAGS.output_dir, FLAGS.batch_size)
     print(f"wrote {png} and {tsv}")
 
 

@@ -4,14 +4,12 @@ Streams the split once and writes an .npz (see data.Stats) with the mean image (
 per-channel mean, and the eigenvalues / eigenvectors (columns, descending) of the 3x3 covariance of
 RGB pixel values scaled to 0-1. Sums are accumulated in float64 inside a tf.function.
 """
-import sys
-
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import data
+from keras_alexnet import cli, data
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", None, "'synthetic', a folder of class folders, or a TFDS name.")
@@ -54,18 +52,15 @@ def compute_stats(images, total=None, batch_size=32):
                       eigenvalues=eigenvalues[order], eigenvectors=eigenvectors[:, order])
 
 
+@cli.reports_errors()
 def main(argv):
     del argv
-    try:
-        source = data.load_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
-        (images, skipped), total = data.decoded_images(source), source.num_examples
-        if FLAGS.max_images:
-            images, total = images.take(FLAGS.max_images), min(total or FLAGS.max_images, FLAGS.max_images)
-        stats = compute_stats(images, total, FLAGS.batch_size)
-        stats.save(FLAGS.output)
-    except (data.DataError, FileNotFoundError, tf.errors.OpError) as error:
-        print(f"error: {getattr(error, 'message', error)}", file=sys.stderr)
-        sys.exit(1)
+    source = data.load_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
+    (images, skipped), total = data.decoded_images(source), source.num_examples
+    if FLAGS.max_images:
+        images, total = images.take(FLAGS.max_images), min(total or FLAGS.max_images, FLAGS.max_images)
+    stats = compute_stats(images, total, FLAGS.batch_size)
+    stats.save(FLAGS.output)
     print(f"{skipped()} corrupt files skipped; wrote {FLAGS.output}: channel mean "
           f"{np.round(stats.channel_mean, 2).tolist()}, eigenvalues {np.round(stats.eigenvalues, 4).tolist()}")
 

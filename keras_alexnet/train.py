@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, logging
 
-from keras_alexnet import checkpoint, data, export, filters, metrics, summaries
+from keras_alexnet import checkpoint, cli, data, export, filters, metrics, summaries
 from keras_alexnet.config import Config, config_from_flags, define_flags
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet
 
@@ -49,8 +49,11 @@ def make_strategy(towers_per_replica, devices=None):
     # Local names ("/device:GPU:1"): inside a replica they take the replica's job and task.
     devices = devices or [f"/device:{d.device_type}:{d.name.rsplit(':', 1)[1]}" for d in
                           tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+    if towers_per_replica == 2 and len(devices) % 2 and len(devices) > 1:
+        raise ValueError(f"--towers_per_replica=2 pairs the {len(devices)} devices, and {devices[-1]} would be "
+                         "left unused: use an even number of devices (--cpu_devices) or --towers_per_replica=1")
     pairs = [(d, d) for d in devices] if towers_per_replica == 1 or len(devices) == 1 else \
-        [tuple(devices[i:i + 2]) for i in range(0, len(devices) - 1, 2)]
+        [tuple(devices[i:i + 2]) for i in range(0, len(devices), 2)]
     if strategy:
         replicas = strategy.extended.worker_devices
     else:
@@ -381,15 +384,14 @@ def _write_epoch_summaries(writers, model, step, train_metrics, val_metrics, chi
             tf.summary.scalar(f"epoch_{key}", val_metrics[key])
 
 
+@cli.reports_errors(TrainingStuck)
+@cli.reports_errors(TrainingStuck)
 def main(argv):
     del argv
-    try:
-        config = config_from_flags()
-        split_cpu(config.cpu_devices)
-        strategy, plan = make_strategy(config.towers_per_replica)
-        train(config, strategy, plan)
-    except (ValueError, FileNotFoundError, TrainingStuck) as error:
-        sys.exit(f"error: {error}")
+    config = config_from_flags()
+    split_cpu(config.cpu_devices)
+    strategy, plan = make_strategy(config.towers_per_replica)
+    train(config, strategy, plan)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def image_folder(tmp_path_factory):
     return root, good, 4
 
 
+def test_a_stats_file_that_is_no_npz_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("mean: 120\n")
+    np.save(tmp_path / "mean.npy", np.zeros(3))
+    data.Stats.imagenet().save(str(tmp_path / "whole.npz"))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:100])
+    for name in ("notes.txt", "mean.npy", "cut.npz"):
+        with pytest.raises(data.DataError, match=f"statistics file .*{name} is not an .npz of python -m keras"):
+            data.Stats.load(str(tmp_path / name))
+
+
 # ----------------------------------------------------------------------------- in-graph helpers
 
 def test_decode_and_resize_shorter_side_then_centre(coordinates):
@@ -99,6 +109,26 @@ def test_decode_formats_give_rgb(fmt, mode):
     assert out.shape == (256, 256, 3)
     tolerance = 40 if fmt == "GIF" else 6  # GIF's palette, JPEG's chroma loss.
     assert np.abs(out.astype(int) - colour).max() <= tolerance, out.reshape(-1, 3).mean(0)
+
+
+@pytest.mark.parametrize("fmt, options", [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("WEBP", {}),
+                                          ("WEBP", {"lossless": True}), ("WEBP", {"exif": b"Exif\0\0x"})])
+def test_image_size_reads_the_header_as_decoding_finds_it(fmt, options):
+    for height, width in [(20, 37), (301, 9)]:
+        encoded = io.BytesIO()
+        Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(encoded, fmt, **options)
+        assert data.image_size(encoded.getvalue()).numpy().tolist() == [height, width]
+        assert tf.io.decode_image(encoded.getvalue(), expand_animations=False).shape[:2] == (height, width)
+
+
+def test_image_size_of_a_top_down_bmp_and_of_no_image():
+    bmp = bytearray(encode(np.zeros((20, 30, 3), np.uint8), "BMP"))
+    bmp[22:26] = (-20).to_bytes(4, "little", signed=True)  # Rows stored top to bottom.
+    assert data.image_size(bytes(bmp)).numpy().tolist() == [20, 30] == list(tf.io.decode_image(bytes(bmp)).shape[:2])
+    for junk in [b"", b"GIF", b"not an image"]:
+        assert data.image_size(junk).numpy().tolist() == [-1, -1]
+        with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF, BMP or WebP image"):
+            data.decode_and_resize(junk)
 
 
 def test_center_crop_single_and_batch():
@@ -278,6 +308,32 @@ def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
     assert data.load_source(str(tmp_path), "train").class_names == ["only"]
 
 
+def test_validation_folders_are_labelled_by_the_training_split_s_names(tmp_path):
+    for split, classes in [("train", ["ant", "bee", "cat"]), ("val", ["ant", "cat"])]:
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / name / f"{i}.png").write_bytes(encode(np.zeros((16, 16, 3), np.uint8)))
+    val = data.load_source(str(tmp_path), "validation")
+    assert val.class_names == ["ant", "bee", "cat"]
+    assert sorted(int(label) for _, label in val.images) == [0, 0, 2, 2]  # Not [0, 0, 1, 1]: cat is 2.
+    (tmp_path / "val" / "dog").mkdir()
+    with pytest.raises(data.DataError, match=r"val has classes its labels do not know: 'dog' \(the 3 known"):
+        data.load_source(str(tmp_path), "validation")
+    with pytest.raises(data.DataError, match="'ant', 'bee', 'cat'"):  # Another run's labels.
+        data.load_source(str(tmp_path), "train", class_names=["dog", "eel"])
+
+
+def test_other_sources_are_labelled_by_name_too():
+    names = list(reversed(synthetic.CLASS_NAMES))
+    source = data.load_source("synthetic", "validation", class_names=names)
+    own = data.load_source("synthetic", "validation")
+    assert source.class_names == names
+    assert [int(y) for _, y in source.images.take(10)] == [9 - int(y) for _, y in own.images.take(10)]
+    with pytest.raises(data.DataError, match=r"synthetic \(validation\) has classes its labels do not know"):
+        data.load_source("synthetic", "validation", class_names=names[1:])
+
+
 def test_clear_errors(tmp_path, image_folder):
     (tmp_path / "empty").mkdir()
     (tmp_path / "flat").mkdir()
@@ -400,5 +456,11 @@ def test_tfds_source_decodes_and_holds_out_validation(tmp_path):
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and label.dtype == np.int32
             assert np.all(image == (220 if label else 30))
     assert data.load_source("alexnet_test_images", "train[:50%]", data_dir=str(tmp_path)).num_examples == 10
+    by_name = data.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light", "x", "dark"])
+    for image, label in by_name.images.as_numpy_iterator():  # A run's labels: light is 0 and dark 2.
+        assert label == {220: 0, 30: 2}[int(image[0, 0, 0])]
+    with pytest.raises(data.DataError, match=r"alexnet_test_images \(validation\) has classes its labels do "
+                                             r"not know: 'dark' \(the 1 known: 'light'\)"):
+        data.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light"])
     with pytest.raises(data.DataError, match="'alexnet_test_images' has no split 'test'"):
         data.load_source("alexnet_test_images", "test", data_dir=str(tmp_path))

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageFont
 
-from keras_alexnet import checkpoint, data, embed, filters, neighbors
+from keras_alexnet import checkpoint, cli, data, embed, filters, neighbors
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet
 
@@ -31,8 +31,13 @@ def build_model():
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    return export_saved_model(build_model(), [f"class{i}" for i in range(10)], data.Stats.imagenet(),
+def model():
+    return build_model()
+
+
+@pytest.fixture(scope="module")
+def saved_model(model, tmp_path_factory):
+    return export_saved_model(model, [f"class{i}" for i in range(10)], data.Stats.imagenet(),
                               str(tmp_path_factory.mktemp("export")), 1)
 
 
@@ -147,7 +152,7 @@ def test_embed_real_photos_flat_folder(saved_model, tmp_path):
     ({"images": ".", "max_images": 0}, "--max_images must be positive"),
 ])
 def test_embed_bad_input(saved_model, tmp_path, kwargs, message):
-    with pytest.raises(embed.ERRORS, match=message):
+    with pytest.raises(cli.USER_ERRORS, match=message):
         embed.run(saved_model, str(tmp_path), **kwargs)
 
 
@@ -169,6 +174,39 @@ def test_neighbours_from_an_embed_logdir(embedded, saved_model, image_folder, tm
         distances = [float(row[4]) for row in table[start:start + 4]]
         assert distances == sorted(distances) and distances[1] > 1e-2
     assert Image.open(png).size == grid_size(3, 4)
+
+
+def test_a_failed_embed_leaves_the_existing_log_dir_intact(saved_model, image_folder, tmp_path):
+    logdir = tmp_path / "logs"
+    embed.run(saved_model, str(logdir), images=str(image_folder), max_images=2)
+    before = {p.name: p.read_bytes() for p in logdir.iterdir()}
+    (tmp_path / "corrupt").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "corrupt" / name).write_bytes(b"not an image")
+    with pytest.raises(data.DataError, match="no image could be embedded"):
+        embed.run(saved_model, str(logdir), images=str(tmp_path / "corrupt"))
+    assert {p.name: p.read_bytes() for p in logdir.iterdir()} == before
+    assert len(read_metadata(logdir)[1]) == 2 and sorted(os.listdir(tmp_path)) == ["corrupt", "logs"]
+
+
+def test_embed_never_replaces_a_folder_that_is_no_embed_log_dir(saved_model, image_folder, tmp_path):
+    (tmp_path / "events.out.tfevents.1").write_text("a training run's log")
+    with pytest.raises(ValueError, match="holds files but is no embed log dir"):
+        embed.run(saved_model, str(tmp_path), images=str(image_folder), max_images=1)
+    assert os.listdir(tmp_path) == ["events.out.tfevents.1"]
+
+
+def test_neighbours_refuse_an_index_made_by_another_export(embedded, model, saved_model, image_folder, tmp_path):
+    logdir, _, _ = embedded
+    assert json.loads((logdir / embed.EXPORT).read_text()) == {
+        "saved_model": os.path.abspath(saved_model), "fingerprint": embed.fingerprint(saved_model)}
+    stats = data.Stats.imagenet()
+    stats.mean_image = stats.mean_image + 1  # Another export: other outputs for the same images.
+    other = export_saved_model(model, [f"class{i}" for i in range(10)], stats, str(tmp_path / "other"), 2)
+    assert embed.fingerprint(other) != embed.fingerprint(saved_model)
+    with pytest.raises(ValueError, match=f"embedded by {saved_model} .*not by --saved_model {other}"):
+        neighbors.run(other, str(logdir), str(image_folder / "stripes"), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_neighbours_from_an_image_folder_match_the_logdir(embedded, saved_model, image_folder, tmp_path):

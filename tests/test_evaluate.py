@@ -35,34 +35,75 @@ def run_dir(tmp_path_factory):
     return root, model
 
 
-def expected_errors(model, root, ten_crop):
-    """Top-1/top-5 errors computed with numpy from the model's outputs on each image's views."""
-    source = data.load_source(str(root / "data"), "validation")
+def expected_errors(model, val_folder, ten_crop):
+    """Top-1/top-5 errors computed with numpy from the model's outputs on each image's views, each
+    image labelled by the run's label of its folder's name."""
     top1 = top5 = n = 0
-    for image, label in data.decoded_images(source)[0]:
+    for path in sorted(val_folder.glob("*/*.jpg")):
+        label = CLASSES.index(path.parent.name)
+        image = data.decode_and_resize(path.read_bytes())
         views = (data.ten_crop if ten_crop else lambda x: data.center_crop(x)[None])(
             tf.cast(image, tf.float32) - data.Stats.imagenet().mean_image)
         probabilities = model(views, training=False).numpy().mean(0)
         ranking = np.argsort(-probabilities)
-        top1 += ranking[0] != int(label)
-        top5 += int(label) not in ranking[:5]
+        top1 += ranking[0] != label
+        top5 += label not in ranking[:5]
         n += 1
     return top1 / n, top5 / n, n
 
 
+def run_evaluate(*args):
+    return subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", *args, "--batch_size=5"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_report(report, stdout, model, val_folder, images):
+    for name, ten_crop in [("centre crop", False), ("10-crop", True)]:
+        top1, top5, n = expected_errors(model, val_folder, ten_crop)
+        got = report["results"][name]
+        assert got["images"] == n == images
+        assert got["top1_error"] == pytest.approx(top1) and got["top5_error"] == pytest.approx(top5) == 0.0
+        assert f"| {name} | {top1:.2%} |" in stdout
+
+
 def test_evaluate_cli_reports_the_errors_numpy_computes(run_dir):
     root, model = run_dir
-    result = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={root / 'run'}",
-                             "--batch_size=5"], capture_output=True, text=True, timeout=300)
+    result = run_evaluate(f"--model_dir={root / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((root / "run" / "eval_validation.json").read_text())
-    assert report["step"] == 42
-    for name, ten_crop in [("centre crop", False), ("10-crop", True)]:
-        top1, top5, n = expected_errors(model, root, ten_crop)
-        got = report["results"][name]
-        assert got["images"] == n == 12
-        assert got["top1_error"] == pytest.approx(top1) and got["top5_error"] == pytest.approx(top5) == 0.0
-        assert f"| {name} | {top1:.2%} |" in result.stdout
+    report = json.loads((root / "run" / "eval_data_validation.json").read_text())
+    assert (report["step"], report["dataset"], report["split"]) == (42, str(root / "data"), "validation")
+    assert_report(report, result.stdout, model, root / "data" / "val", 12)
+
+
+def copy_classes(root, name, classes):
+    """A dataset `name` of the run's images: train/ as the run's, val/ of `classes` (blue's images for
+    a class the run lacks)."""
+    for split, folders in [("train", CLASSES), ("val", classes)]:
+        for folder in folders:
+            (root / name / split / folder).mkdir(parents=True)
+            for image in (root / "data" / split / (folder if folder in CLASSES else "blue")).iterdir():
+                (root / name / split / folder / image.name).write_bytes(image.read_bytes())
+    return root / name
+
+
+def test_evaluate_a_dataset_of_fewer_classes_labels_them_by_name(run_dir):
+    root, model = run_dir
+    dataset = copy_classes(root, "two colours", ["blue", "red"])
+    result = run_evaluate(f"--model_dir={root / 'run'}", f"--dataset={dataset}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "run" / "eval_two_colours_validation.json").read_text())
+    assert (report["dataset"], report["split"]) == (str(dataset), "validation")
+    assert_report(report, result.stdout, model, dataset / "val", 8)  # red is label 2, as in the run.
+
+
+def test_evaluate_a_dataset_of_other_classes_is_one_line(run_dir):
+    root, _ = run_dir
+    dataset = copy_classes(root, "purple", ["blue", "purple"])
+    result = run_evaluate(f"--model_dir={root / 'run'}", f"--dataset={dataset}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {dataset / 'val'} has classes its labels do not know: 'purple' (the 3 known: 'blue', "
+        "'green', 'red')")
 
 
 def test_evaluate_cli_bad_run_is_one_line(tmp_path):

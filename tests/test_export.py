@@ -1,9 +1,12 @@
 """SavedModel export: TF Serving layout, signatures, saved_model_cli, self-containment, size, errors."""
 import dataclasses
+import io
 import os
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +191,7 @@ def test_bad_image_bytes_say_what_is_expected(loaded, image_files):
     encoded = Path(image_files[0]).read_bytes()
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes must be a string vector \[N\]"):
         loaded["predict_images"](image_bytes=tf.constant(encoded))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format. One of JPEG"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF, BMP or WebP image"):
         loaded["features_images"](image_bytes=tf.constant([encoded, b"not an image"]))
 
 
@@ -283,7 +286,7 @@ def test_bad_command_line_input_fails_in_one_line(case, tmp_path, stats):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert {"missing run": "not a training run", "no checkpoint": "has no checkpoint",
-            "missing image": "no such image", "not an image": "notes.jpg is not a JPEG"}[case] in lines[0]
+            "missing image": "no such image", "not an image": "notes.jpg: not a JPEG, PNG"}[case] in lines[0]
 
 
 def test_saved_model_cli_run_rejects_a_wrong_size(exported, tmp_path):
@@ -293,3 +296,86 @@ def test_saved_model_cli_run_rejects_a_wrong_size(exported, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape] [1 224 224 3]" in result.stderr
+
+
+def zeros_png(width, height):
+    """A 1-bit greyscale PNG of zeros: about 50 KB for 20000 x 20000, which decode to 1.2 GB of RGB."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)  # Filter byte, packed bits.
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+PEAK = """
+import sys
+import tensorflow as tf
+predict = tf.saved_model.load(sys.argv[1]).signatures["predict_images"]
+small, huge = (open(path, "rb").read() for path in sys.argv[2:4])
+predict(image_bytes=tf.constant([small]))  # Warm: what the next call adds is the call's own.
+kilobytes = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # The peak (VmHWM) starts again from the current RSS.
+before = kilobytes("VmRSS:")
+try:
+    predict(image_bytes=tf.constant([huge]))
+    print("decoded")
+except tf.errors.InvalidArgumentError as error:
+    print("refused:", error.message)
+print("peak", (kilobytes("VmHWM:") - before) * 1024)
+"""
+
+
+def test_a_huge_png_is_refused_before_decoding(exported, image_files, tmp_path):
+    huge = zeros_png(20000, 20000)
+    assert len(huge) < 100_000
+    (tmp_path / "huge.png").write_bytes(huge)
+    result = run_cli("-c", PEAK, str(exported), image_files[0], str(tmp_path / "huge.png"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused: " in result.stdout and "image of 20000 x 20000 pixels is above the limit of 64 megapixels" \
+        in result.stdout, result.stdout[-2000:]
+    peak = int(re.search(r"peak (\d+)", result.stdout).group(1))
+    assert peak < 2 ** 30, f"the refused call raised the peak RSS by {peak / 2 ** 20:.0f} MB"
+    (tmp_path / "train" / "big").mkdir(parents=True)  # Training counts it as corrupt, as it does tiny ones.
+    (tmp_path / "train" / "big" / "huge.png").write_bytes(huge)
+    source = data.load_source(str(tmp_path), "train", val_fraction=0.0)
+    assert list(source.images) == [] and source.skipped() == 1
+
+
+def encoded_png(side):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("side", [1, 7, 8])
+def test_tiny_images_are_refused_alike_in_serving_and_training(side, loaded, tmp_path):
+    (tmp_path / "train" / "tiny").mkdir(parents=True)
+    (tmp_path / "train" / "tiny" / "a.png").write_bytes(encoded_png(side))
+    source = data.load_source(str(tmp_path), "train", val_fraction=0.0)
+    decoded = list(source.images)
+    for name in ("predict_images", "features_images"):
+        if side < data.MIN_SIDE:
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=f"image of {side} x {side} pixels is under the minimum of 8 pixels a side"):
+                loaded[name](image_bytes=tf.constant([encoded_png(side)]))
+        else:
+            assert len(next(iter(loaded[name](image_bytes=tf.constant([encoded_png(side)])).values()))) == 1
+    assert (len(decoded), source.skipped()) == ((0, 1) if side < data.MIN_SIDE else (1, 0))
+
+
+def test_export_command_sets_the_size_limit_and_says_what_it_replaced(run_dir, image_files, tmp_path):
+    model_dir, _ = run_dir
+    (tmp_path / str(STEP)).mkdir()
+    (tmp_path / str(STEP) / "stale").write_text("an older export")
+    result = run_cli("-m", "keras_alexnet.export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}",
+                     "--max_megapixels=0.05")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"replaced version {STEP}"
+    assert sorted(os.listdir(tmp_path)) == [str(STEP)] and not (tmp_path / str(STEP) / "stale").exists()
+    loaded = tf.saved_model.load(str(tmp_path / str(STEP)))
+    assert float(loaded.max_megapixels.numpy()) == pytest.approx(0.05)
+    with pytest.raises(tf.errors.InvalidArgumentError,  # 320 x 240 = 0.077 megapixels.
+                       match="image of 320 x 240 pixels is above the limit of 0.05 megapixels"):
+        loaded.signatures["predict_images"](image_bytes=tf.constant([Path(image_files[0]).read_bytes()]))

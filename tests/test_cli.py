@@ -1,0 +1,92 @@
+"""Every command reports bad input as one line `error: ...` with exit status 1, never a traceback."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_alexnet import cli
+
+# Root ignores chmod, so a read-only place is one no user may write: sysfs refuses new entries.
+READ_ONLY = "/sys/keras_alexnet_run"
+needs_sysfs = pytest.mark.skipif(not os.path.ismount("/sys"), reason="no sysfs at /sys for a read-only path")
+
+
+def run_program(module, *args):
+    return subprocess.run([sys.executable, "-m", f"keras_alexnet.{module}", *args], capture_output=True,
+                          text=True, timeout=240)
+
+
+def assert_one_line(result, *words):
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("a file, not a folder")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["a file", "below a file", pytest.param("read-only", marks=needs_sysfs)])
+def test_train_model_dir_that_cannot_be_written(case, a_file):
+    model_dir = {"a file": a_file, "below a file": f"{a_file}/run", "read-only": READ_ONLY}[case]
+    result = run_program("train", "--dataset=synthetic", "--batch_size=4", "--steps_per_epoch=1",
+                         "--eval_steps=1", "--epochs=1", f"--model_dir={model_dir}")
+    assert_one_line(result, {"a file": f"{a_file} is not a directory", "below a file": f"{a_file} is not a directory",
+                             "read-only": READ_ONLY}[case])
+
+
+def test_train_stats_that_is_a_text_file(a_file):
+    result = run_program("train", "--dataset=synthetic", f"--stats={a_file}", f"--model_dir={a_file}.run")
+    assert_one_line(result, f"statistics file {a_file} is not an .npz of python -m keras_alexnet.stats")
+
+
+def test_an_odd_number_of_devices_for_two_towers_names_the_unused_one(tmp_path):
+    result = run_program("train", "--dataset=synthetic", "--cpu_devices=3", "--towers_per_replica=2",
+                         f"--model_dir={tmp_path}")
+    assert_one_line(result, "/device:CPU:2 would be left unused")
+    assert not list(tmp_path.iterdir())  # Refused before anything was written.
+
+
+@needs_sysfs
+def test_stats_output_on_a_read_only_path(tmp_path):
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "only" / "a.png")
+    result = run_program("stats", f"--dataset={tmp_path / 'data'}", f"--output={READ_ONLY}.npz")
+    assert_one_line(result, READ_ONLY)
+
+
+@pytest.mark.parametrize("module", ["embed", "filters"])
+def test_a_file_where_a_folder_belongs(module, a_file, tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    args = {"embed": [f"--saved_model={a_file}", f"--images={tmp_path / 'images'}", f"--logdir={tmp_path / 'logs'}"],
+            "filters": [f"--model_dir={a_file}", f"--output={tmp_path / 'f.png'}"]}[module]
+    assert_one_line(run_program(module, *args), a_file)
+
+
+def test_errors_are_one_line_and_interrupts_exit_130(capsys):
+    def main_raising(error):
+        @cli.reports_errors()
+        def main(argv):
+            raise error
+        with pytest.raises(SystemExit) as exit_:
+            main([])
+        return exit_.value.code
+
+    op_error = tf.errors.FailedPreconditionError(None, None, "runs/x is not a directory\n\tgraph context ...")
+    assert main_raising(op_error) == "error: runs/x is not a directory"
+    assert main_raising(FileNotFoundError(2, "No such file or directory", "x.npz")) == \
+        "error: [Errno 2] No such file or directory: 'x.npz'"
+    assert main_raising(KeyboardInterrupt()) == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(ZeroDivisionError):  # A bug keeps its traceback.
+        main_raising(ZeroDivisionError())
