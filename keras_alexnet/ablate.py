@@ -15,7 +15,7 @@ import os
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, data, metrics, train
+from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources, train
 
 VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
     "baseline": ("the paper's network", {}, {}),
@@ -43,8 +43,8 @@ def read_history(model_dir):
 def ten_crop_error(model_dir, base):
     """Top-1 and top-5 error of a finished run's model with the paper's 10-crop test."""
     model, run, _ = checkpoint.restore_model(model_dir)
-    source = data.load_source(base.dataset, "validation", base.data_dir, seed=base.seed)
-    dataset = data.eval_pipeline(source, base.batch_size, data.Stats.load(run.stats_path), ten_crop=True,
+    source = sources.load_source(base.dataset, "validation", base.data_dir, seed=base.seed)
+    dataset = data.eval_pipeline(source, base.batch_size, preprocess.Stats.load(run.stats_path), ten_crop=True,
                                  steps=base.eval_steps)
     return metrics.evaluate(metrics.make_eval_step(tf.distribute.get_strategy(), model), dataset)
 
@@ -101,8 +101,8 @@ def plot(results, path):
 
 def train_variant(config):
     """Trains one variant in this process; run in a child process, so each starts with fresh memory."""
-    train.split_cpu(config.cpu_devices)
-    strategy, plan = train.make_strategy(config.towers_per_replica)
+    distribute.split_cpu(config.cpu_devices)
+    strategy, plan = distribute.make_strategy(config.towers_per_replica)
     try:
         train.train(config, strategy, plan)
     except train.TrainingStuck as error:  # Its epochs so far still go in the table.
@@ -141,11 +141,11 @@ def main(argv):
     unknown = set(FLAGS.variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    run_ablation(train.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
+    run_ablation(config.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
 
 
 if __name__ == "__main__":
-    train.define_flags()
+    config.define_flags()
     flags.DEFINE_string("output_dir", "runs/ablate", "One run directory per variant, the table and the plot.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
     app.run(main)

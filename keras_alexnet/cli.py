@@ -3,7 +3,7 @@
     @cli.reports_errors()
     def main(argv): ...
 
-User-facing errors are ValueError (data.DataError too), OSError (missing, read-only, a file where a
+User-facing errors are ValueError (preprocess.DataError too), OSError (missing, read-only, a file where a
 folder belongs, ...) and TensorFlow's OpError (the first line of its message, without the graph
 dump); Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and keeps its traceback.
 """

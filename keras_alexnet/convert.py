@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, data
+from keras_alexnet import checkpoint, preprocess
 from keras_alexnet.model import build_alexnet
 
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # bvlc_alexnet's ilsvrc_2012_mean.npy averaged per channel.
@@ -159,10 +159,10 @@ def model_kwargs(caffe):
 
 
 def mean_stats(mean_bgr):
-    """data.Stats with Caffe's per-channel mean (BGR) as an RGB mean image; ImageNet's eigen figures."""
+    """preprocess.Stats with Caffe's per-channel mean (BGR) as an RGB mean image; ImageNet's eigen figures."""
     rgb = np.asarray(mean_bgr, np.float32)[::-1]
-    return dataclasses.replace(data.Stats.imagenet(), channel_mean=rgb,
-                               mean_image=np.broadcast_to(rgb, (data.IMAGE_SIZE, data.IMAGE_SIZE, 3)))
+    return dataclasses.replace(preprocess.Stats.imagenet(), channel_mean=rgb,
+                               mean_image=np.broadcast_to(rgb, (preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE, 3)))
 
 
 def parse_mean(text):

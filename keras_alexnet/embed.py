@@ -34,7 +34,7 @@ from PIL import Image
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import cli, data
+from keras_alexnet import cli, preprocess, sources
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
@@ -64,11 +64,11 @@ def list_images(folder):
     for parent, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
-            if name.lower().endswith(data.IMAGE_EXTENSIONS) and not name.startswith("."):
+            if name.lower().endswith(sources.IMAGE_EXTENSIONS) and not name.startswith("."):
                 path = os.path.relpath(os.path.join(parent, name), folder)
                 found.append((path, os.path.basename(os.path.dirname(path)) or root))
     if not found:
-        raise FileNotFoundError(f"{folder} holds no {'/'.join(data.IMAGE_EXTENSIONS)} files")
+        raise FileNotFoundError(f"{folder} holds no {'/'.join(sources.IMAGE_EXTENSIONS)} files")
     return found
 
 
@@ -88,7 +88,7 @@ class Examples:
             self.files = list_images(images)
             self.total = min(len(self.files), max_images or len(self.files))
         else:
-            self.source, self.split = data.load_source(dataset, split, data_dir), split
+            self.source, self.split = sources.load_source(dataset, split, data_dir), split
             self.total = min(filter(None, [self.source.num_examples, max_images]), default=None)
 
     def __iter__(self):
@@ -98,15 +98,15 @@ class Examples:
                 if taken == self.max_images:
                     return
                 try:
-                    image = data.decode_and_resize(tf.io.read_file(os.path.join(self.folder, path)))
-                except (tf.errors.OpError, data.DataError):
+                    image = preprocess.decode_and_resize(tf.io.read_file(os.path.join(self.folder, path)))
+                except (tf.errors.OpError, preprocess.DataError):
                     self.skipped += 1
                     continue
                 taken += 1
                 yield path, label, image
         else:
             names = self.source.class_names
-            images, skipped = data.decoded_images(self.source)
+            images, skipped = sources.decoded_images(self.source)
             if self.max_images:
                 images = images.take(self.max_images)
             for i, (image, label) in enumerate(images):
@@ -131,7 +131,7 @@ def embedded_batches(features, examples, batch_size):
 
 def _embed(features, batch):
     names, labels, images = zip(*batch)
-    crops = data.center_crop(tf.stack(images))
+    crops = preprocess.center_crop(tf.stack(images))
     thumbs = np.stack([np.asarray(Image.fromarray(c).resize((THUMB, THUMB), Image.Resampling.LANCZOS))
                        for c in np.asarray(crops, np.uint8)])
     return list(names), list(labels), features(crops), thumbs
@@ -172,7 +172,7 @@ def write_projector(logdir, batches, total=None):
                 rows, width = rows + len(names), fc7.shape[1]
                 bar.add(len(names))
         if not rows:
-            raise data.DataError("no image could be embedded")
+            raise preprocess.DataError("no image could be embedded")
         fc7_rows = np.memmap(raw["fc7"], np.float32, "r", shape=(rows, width))
         np.save(os.path.join(logdir, FC7), fc7_rows)  # Row i is line i + 1 of metadata.tsv.
         tf.train.Checkpoint(fc7=tf.Variable(fc7_rows, name="fc7")).save(os.path.join(logdir, CHECKPOINT))

@@ -12,7 +12,7 @@ import re
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, data, metrics
+from keras_alexnet import checkpoint, cli, data, metrics, preprocess, sources
 
 
 def report_name(dataset, split):
@@ -41,9 +41,9 @@ def main(argv):
     dataset_name = FLAGS.dataset or run.config.get("dataset")
     if not dataset_name:  # A converted model has no dataset of its own.
         raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")
-    source = data.load_source(dataset_name, FLAGS.split, FLAGS.data_dir or run.config.get("data_dir"),
+    source = sources.load_source(dataset_name, FLAGS.split, FLAGS.data_dir or run.config.get("data_dir"),
                               class_names=run.class_names)  # The run's labels, by name.
-    stats = data.Stats.load(run.stats_path)
+    stats = preprocess.Stats.load(run.stats_path)
     strategy = tf.distribute.get_strategy()
     eval_step = metrics.make_eval_step(strategy, model)
     results = {}

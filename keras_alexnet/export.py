@@ -15,8 +15,8 @@ with four signatures over a batch of N images:
 
 K = min(5, C). fc7 is the post-ReLU last hidden layer whose Euclidean distances section 6.1 of the
 paper uses to find similar images. The graph subtracts the run's mean image (its centre 227 crop);
-the bytes signatures also decode, resize and crop (data.decode_and_resize, then the centre crop or,
-exported with --ten_crop, the mean over data.ten_crop's 10 views, section 4.1, each view minus its
+the bytes signatures also decode, resize and crop (preprocess.decode_and_resize, then the centre crop or,
+exported with --ten_crop, the mean over preprocess.ten_crop's 10 views, section 4.1, each view minus its
 own patch of the mean image as in evaluate). The class names (a constant, and assets/labels.txt) and
 the mean image travel inside, so serving needs no keras_alexnet; assets.extra/ holds TF Serving's
 warm-up requests (keras_alexnet.warmup).
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, data, warmup
+from keras_alexnet import checkpoint, cli, preprocess, warmup
 from keras_alexnet.model import INPUT_SHAPE, feature_model
 
 IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
@@ -62,11 +62,11 @@ def _image_bytes(image_bytes):
     return _checked(image_bytes, tf.rank(image_bytes) == 1, BYTES_EXPECTED, (None,))
 
 
-def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=data.MAX_MEGAPIXELS):
+def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=preprocess.MAX_MEGAPIXELS):
     """A tf.Module with the model's weights (each once), the mean image and the four signatures.
 
     The bytes signatures refuse images above `max_megapixels` (stored as the variable of that name)
-    or under data.MIN_SIDE pixels a side, by their header, before decoding them.
+    or under preprocess.MIN_SIDE pixels a side, by their header, before decoding them.
 
     It tracks the raw variables, not the Keras model: a SavedModel of the Keras objects stores the
     weights twice, or does not run under saved_model_cli (variables not found).
@@ -93,16 +93,16 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=dat
                        lambda: tf.zeros((0, net.output.shape[-1])))
 
     def run_on_images(net, images):
-        return run(net, _images(images) - data.center_crop(module.mean_image))
+        return run(net, _images(images) - preprocess.center_crop(module.mean_image))
 
     def run_on_bytes(net, image_bytes):
         """The mean image is subtracted before cropping, so each view loses its own patch of it (as evaluate)."""
-        decoded = tf.map_fn(lambda one: data.decode_and_resize(one, module.max_megapixels),
+        decoded = tf.map_fn(lambda one: preprocess.decode_and_resize(one, module.max_megapixels),
                             _image_bytes(image_bytes), fn_output_signature=tf.TensorSpec((256, 256, 3), tf.uint8))
         centred = tf.cast(decoded, tf.float32) - module.mean_image
         if not ten_crop:
-            return run(net, tf.ensure_shape(data.center_crop(centred), (None, *INPUT_SHAPE)))
-        views = tf.map_fn(data.ten_crop, centred, fn_output_signature=tf.TensorSpec((10, *INPUT_SHAPE)))
+            return run(net, tf.ensure_shape(preprocess.center_crop(centred), (None, *INPUT_SHAPE)))
+        views = tf.map_fn(preprocess.ten_crop, centred, fn_output_signature=tf.TensorSpec((10, *INPUT_SHAPE)))
         outputs = run(net, tf.reshape(views, (-1, *INPUT_SHAPE)))
         return tf.reduce_mean(tf.reshape(outputs, (-1, 10, outputs.shape[-1])), axis=1)
 
@@ -134,7 +134,7 @@ SIGNATURES = ("serving_default", "features", "predict_images", "features_images"
 
 
 def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False,
-                       max_megapixels=data.MAX_MEGAPIXELS):
+                       max_megapixels=preprocess.MAX_MEGAPIXELS):
     """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path.
 
     It is written beside it first and renamed into place, so a server watching EXPORT_DIR never
@@ -168,9 +168,9 @@ def make_npy(paths, out, encoded=False):
         with tf.io.gfile.GFile(path, "rb") as f:
             files.append(f.read())
         try:  # Also with --bytes: a file the signature cannot decode is better caught here.
-            crops.append(data.center_crop(data.decode_and_resize(files[-1])))
+            crops.append(preprocess.center_crop(preprocess.decode_and_resize(files[-1])))
         except tf.errors.InvalidArgumentError as error:
-            raise data.DataError(f"{path}: {cli.one_line(error)}") from None
+            raise preprocess.DataError(f"{path}: {cli.one_line(error)}") from None
     if encoded:
         array = np.empty(len(files), object)  # saved_model_cli np.loads with allow_pickle=True.
         array[:] = files
@@ -189,7 +189,7 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_string("export_dir", None, "Write the SavedModel to EXPORT_DIR/VERSION/.")
     flags.DEFINE_integer("version", None, "Version directory; default: the checkpoint's training step.")
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
-    flags.DEFINE_float("max_megapixels", data.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
+    flags.DEFINE_float("max_megapixels", preprocess.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
                        "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
     flags.DEFINE_bool("make_npy", False, "Instead of exporting: write the image files given as arguments to --out.")
     flags.DEFINE_string("out", None, "The .npy that --make_npy writes.")
@@ -209,7 +209,7 @@ def main(argv):
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise ValueError("--model_dir and --export_dir are required")
     model, run, step = checkpoint.restore_model(FLAGS.model_dir)
-    stats = data.Stats.load(run.stats_path)
+    stats = preprocess.Stats.load(run.stats_path)
     version = step if FLAGS.version is None else FLAGS.version
     replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))
     path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop,

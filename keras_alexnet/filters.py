@@ -12,6 +12,7 @@ on the many dark pixels of a scaled kernel.)
     python -m keras_alexnet.filters --saved_model export/alexnet/1 --output filters.png
 """
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -21,9 +22,6 @@ from PIL import Image
 from keras_alexnet import checkpoint, cli
 from keras_alexnet.model import TOWERS
 
-KERNEL_SHAPE = (11, 11, 3, 48)
-
-
 def kernels_from_model(model):
     """(tower A, tower B) conv1 kernels of a build_alexnet model, each [11, 11, 3, 48]; of a one-tower
     model (build_alexnet(towers=1)), its one [11, 11, 3, 96] kernel."""
@@ -32,14 +30,16 @@ def kernels_from_model(model):
 
 
 def kernels_from_saved_model(saved_model):
-    """(tower A, tower B) conv1 kernels of a SavedModel: its two (11, 11, 3, 48) variables, by name."""
+    """The conv1 kernels of an export, as `kernels_from_model`: its variables named conv1_a/.../kernel
+    and conv1_b/.../kernel (two towers) or conv1/.../kernel (one tower)."""
     loaded = tf.saved_model.load(saved_model)
-    found = sorted((v for v in tf.train.TrackableView(loaded).descendants()
-                    if isinstance(v, tf.Variable) and tuple(v.shape) == KERNEL_SHAPE), key=lambda v: v.name)
-    if len(found) != 2:
-        raise ValueError(f"{saved_model} has {len(found)} variables of shape {KERNEL_SHAPE}, expected "
-                         "the two conv1 kernels of a two-tower model")
-    return tuple(v.numpy() for v in found)  # Sorted names: conv1_a/... before conv1_b/...
+    kernels = {v.name.split("/")[0]: v for v in tf.train.TrackableView(loaded).descendants()
+               if isinstance(v, tf.Variable) and re.fullmatch(r"conv1(_a|_b)?/.*kernel:0", v.name)}
+    names = [f"conv1{s}" for s in TOWERS] if "conv1_a" in kernels else ["conv1"]
+    if not all(name in kernels for name in names):
+        raise ValueError(f"{saved_model} has no conv1 kernel variables (conv1_a and conv1_b, or conv1): "
+                         "is it an export of keras_alexnet?")
+    return tuple(kernels[name].numpy() for name in names)
 
 
 def scaled(kernels):

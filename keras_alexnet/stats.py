@@ -1,6 +1,6 @@
 """python -m keras_alexnet.stats: the data statistics of sections 2 and 4.1 for a training split.
 
-Streams the split once and writes an .npz (see data.Stats) with the mean image (0-255 units), the
+Streams the split once and writes an .npz (see preprocess.Stats) with the mean image (0-255 units), the
 per-channel mean, and the eigenvalues / eigenvectors (columns, descending) of the 3x3 covariance of
 RGB pixel values scaled to 0-1. Sums are accumulated in float64 inside a tf.function.
 """
@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import cli, data
+from keras_alexnet import cli, preprocess, sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", None, "'synthetic', a folder of class folders, or a TFDS name.")
@@ -21,8 +21,8 @@ flags.DEFINE_integer("batch_size", 32, "Images per accumulation step.")
 
 
 def compute_stats(images, total=None, batch_size=32):
-    """data.Stats of a dataset of (uint8 [256, 256, 3] image, label); `total` sizes the progress bar."""
-    sums = {"image": tf.Variable(tf.zeros([data.IMAGE_SIZE, data.IMAGE_SIZE, 3], tf.float64)),
+    """preprocess.Stats of a dataset of (uint8 [256, 256, 3] image, label); `total` sizes the progress bar."""
+    sums = {"image": tf.Variable(tf.zeros([preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE, 3], tf.float64)),
             "pixel": tf.Variable(tf.zeros([3], tf.float64)),
             "outer": tf.Variable(tf.zeros([3, 3], tf.float64)),
             "count": tf.Variable(tf.constant(0, tf.int64))}
@@ -42,21 +42,21 @@ def compute_stats(images, total=None, batch_size=32):
         bar.add(int(batch.shape[0]))
     count = int(sums["count"].numpy())
     if not count:
-        raise data.DataError("no decodable images to compute statistics from")
-    pixels = count * data.IMAGE_SIZE * data.IMAGE_SIZE
+        raise preprocess.DataError("no decodable images to compute statistics from")
+    pixels = count * preprocess.IMAGE_SIZE * preprocess.IMAGE_SIZE
     mean = sums["pixel"].numpy() / pixels
     covariance = sums["outer"].numpy() / pixels - np.outer(mean, mean)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     order = np.argsort(eigenvalues)[::-1]
-    return data.Stats(mean_image=sums["image"].numpy() / count, channel_mean=mean * 255.0,
+    return preprocess.Stats(mean_image=sums["image"].numpy() / count, channel_mean=mean * 255.0,
                       eigenvalues=eigenvalues[order], eigenvectors=eigenvectors[:, order])
 
 
 @cli.reports_errors()
 def main(argv):
     del argv
-    source = data.load_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
-    (images, skipped), total = data.decoded_images(source), source.num_examples
+    source = sources.load_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
+    (images, skipped), total = sources.decoded_images(source), source.num_examples
     if FLAGS.max_images:
         images, total = images.take(FLAGS.max_images), min(total or FLAGS.max_images, FLAGS.max_images)
     stats = compute_stats(images, total, FLAGS.batch_size)

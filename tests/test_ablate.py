@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_alexnet import ablate, train
+from keras_alexnet import ablate
+from keras_alexnet.config import Config
 from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.model import build_alexnet
 
-BASE = train.Config(dataset="synthetic", batch_size=8, epochs=1, steps_per_epoch=2, eval_steps=1,
+BASE = Config(dataset="synthetic", batch_size=8, epochs=1, steps_per_epoch=2, eval_steps=1,
                     init="caffe", shuffle_buffer=16, checkpoint_every=100)
 
 
@@ -49,7 +50,7 @@ def test_each_variant_changes_one_thing():
     _, one = variant_model("one_tower")
     assert not any(layer.name.endswith("_b") for layer in one.layers)
     assert one.get_layer("conv2").layer.filters == 256 and one.get_layer("fc7").output.shape[-1] == 4096
-    changed = {f.name for f in dataclasses.fields(train.Config)
+    changed = {f.name for f in dataclasses.fields(Config)
                if getattr(ablate.variant_config(BASE, "one_tower", "x"), f.name) != getattr(BASE, f.name)}
     assert changed == {"model", "model_dir"}
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import SYNSET_WORDS, caffe_input, write_bvlc_onnx
-from keras_alexnet import checkpoint, convert, data
+from keras_alexnet import checkpoint, convert, preprocess
 from keras_alexnet.model import build_alexnet, feature_model
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
@@ -23,7 +23,7 @@ def max_relative(actual, expected):
 @pytest.fixture(scope="module")
 def crops(photos):
     """The decoded 227 centre crops of the photos, uint8 RGB, as every path below sees them."""
-    return np.stack([data.center_crop(data.decode_and_resize(Path(f).read_bytes())).numpy() for f in photos])
+    return np.stack([preprocess.center_crop(preprocess.decode_and_resize(Path(f).read_bytes())).numpy() for f in photos])
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,13 @@ def caffe(bvlc_onnx):
 
 
 def keras_outputs(model, stats, crops):
-    inputs = crops.astype(np.float32) - data.center_crop(tf.constant(stats.mean_image)).numpy()
+    inputs = crops.astype(np.float32) - preprocess.center_crop(tf.constant(stats.mean_image)).numpy()
     return model(inputs, training=False).numpy(), feature_model(model)(inputs, training=False).numpy()
 
 
 def test_converted_run_matches_onnxruntime(bvlc_run, reference, crops):
     model, run, step = checkpoint.restore_model(str(bvlc_run))
-    probabilities, fc7 = keras_outputs(model, data.Stats.load(run.stats_path), crops)
+    probabilities, fc7 = keras_outputs(model, preprocess.Stats.load(run.stats_path), crops)
     print(f"\nKeras vs onnxruntime: max abs probability difference {np.abs(probabilities - reference[0]).max():.2e}, "
           f"fc7 max relative difference {max_relative(fc7, reference[1]):.2e}")
     np.testing.assert_allclose(probabilities, reference[0], rtol=0, atol=1e-5)
@@ -69,7 +69,7 @@ def test_saved_model_of_the_converted_run_matches_onnxruntime(bvlc_export, refer
 
 
 def test_run_files(bvlc_run):
-    stats = data.Stats.load(str(bvlc_run / checkpoint.STATS))
+    stats = preprocess.Stats.load(str(bvlc_run / checkpoint.STATS))
     np.testing.assert_array_equal(stats.mean_image[100, 7], [123, 117, 104])  # Caffe's BGR mean, in RGB.
     np.testing.assert_array_equal(stats.channel_mean, [123, 117, 104])
     if SYNSET_WORDS.exists():

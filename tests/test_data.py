@@ -1,6 +1,5 @@
 """The input pipeline (sections 2 and 4.1) against numpy: decode, crops, flips, lighting, stats, errors."""
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from keras_alexnet import data, stats as stats_cli, synthetic
+from keras_alexnet import data, preprocess, sources, stats as stats_cli, synthetic
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette2_224_subset"
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +24,14 @@ def encode(array, fmt="PNG", mode=None):
 
 
 def zero_stats(mean_image=None):
-    return data.Stats(mean_image=np.zeros((256, 256, 3)) if mean_image is None else mean_image,
+    return preprocess.Stats(mean_image=np.zeros((256, 256, 3)) if mean_image is None else mean_image,
                       channel_mean=np.zeros(3), eigenvalues=[0.2, 0.02, 0.004], eigenvectors=np.eye(3))
 
 
 def constant_source(images, labels=None):
     """A Source over given uint8 [256, 256, 3] arrays, labels = position unless given."""
     labels = np.arange(len(images), dtype=np.int32) if labels is None else np.asarray(labels, np.int32)
-    return data.array_source(np.stack(images), labels, ["x"])
+    return sources.array_source(np.stack(images), labels, ["x"])
 
 
 def collect(dataset, batches=-1):
@@ -78,11 +77,11 @@ def image_folder(tmp_path_factory):
 def test_a_stats_file_that_is_no_npz_is_named(tmp_path):
     (tmp_path / "notes.txt").write_text("mean: 120\n")
     np.save(tmp_path / "mean.npy", np.zeros(3))
-    data.Stats.imagenet().save(str(tmp_path / "whole.npz"))
+    preprocess.Stats.imagenet().save(str(tmp_path / "whole.npz"))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:100])
     for name in ("notes.txt", "mean.npy", "cut.npz"):
-        with pytest.raises(data.DataError, match=f"statistics file .*{name} is not an .npz of python -m keras"):
-            data.Stats.load(str(tmp_path / name))
+        with pytest.raises(preprocess.DataError, match=f"statistics file .*{name} is not an .npz of python -m keras"):
+            preprocess.Stats.load(str(tmp_path / name))
 
 
 # ----------------------------------------------------------------------------- in-graph helpers
@@ -90,14 +89,14 @@ def test_a_stats_file_that_is_no_npz_is_named(tmp_path):
 def test_decode_and_resize_shorter_side_then_centre(coordinates):
     rng = np.random.default_rng(1)
     wide = rng.integers(0, 256, (256, 400, 3), dtype=np.uint8)  # Shorter side already 256: crop only.
-    out = data.decode_and_resize(tf.constant(encode(wide)))
+    out = preprocess.decode_and_resize(tf.constant(encode(wide)))
     assert out.dtype == tf.uint8 and out.shape == (256, 256, 3)
     np.testing.assert_array_equal(out.numpy(), wide[:, 72:328])
     tall = np.repeat(np.repeat(rng.integers(0, 256, (200, 128, 3), dtype=np.uint8), 2, 0), 2, 1)  # 400x256
-    np.testing.assert_array_equal(tf.function(data.decode_and_resize)(tf.constant(encode(tall))).numpy(),
+    np.testing.assert_array_equal(tf.function(preprocess.decode_and_resize)(tf.constant(encode(tall))).numpy(),
                                   tall[72:328])
     small = np.full((100, 150, 3), (200, 30, 90), np.uint8)  # Upscaled: a flat colour stays flat.
-    np.testing.assert_array_equal(data.decode_and_resize(tf.constant(encode(small))).numpy(),
+    np.testing.assert_array_equal(preprocess.decode_and_resize(tf.constant(encode(small))).numpy(),
                                   np.full((256, 256, 3), (200, 30, 90), np.uint8))
 
 
@@ -105,7 +104,7 @@ def test_decode_and_resize_shorter_side_then_centre(coordinates):
                                       ("GIF", None), ("BMP", None)])
 def test_decode_formats_give_rgb(fmt, mode):
     colour = (200, 40, 90) if mode != "L" else (120, 120, 120)
-    out = data.decode_and_resize(tf.constant(encode(np.full((64, 96, 3), colour, np.uint8), fmt, mode))).numpy()
+    out = preprocess.decode_and_resize(tf.constant(encode(np.full((64, 96, 3), colour, np.uint8), fmt, mode))).numpy()
     assert out.shape == (256, 256, 3)
     tolerance = 40 if fmt == "GIF" else 6  # GIF's palette, JPEG's chroma loss.
     assert np.abs(out.astype(int) - colour).max() <= tolerance, out.reshape(-1, 3).mean(0)
@@ -117,29 +116,29 @@ def test_image_size_reads_the_header_as_decoding_finds_it(fmt, options):
     for height, width in [(20, 37), (301, 9)]:
         encoded = io.BytesIO()
         Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(encoded, fmt, **options)
-        assert data.image_size(encoded.getvalue()).numpy().tolist() == [height, width]
+        assert preprocess.image_size(encoded.getvalue()).numpy().tolist() == [height, width]
         assert tf.io.decode_image(encoded.getvalue(), expand_animations=False).shape[:2] == (height, width)
 
 
 def test_image_size_of_a_top_down_bmp_and_of_no_image():
     bmp = bytearray(encode(np.zeros((20, 30, 3), np.uint8), "BMP"))
     bmp[22:26] = (-20).to_bytes(4, "little", signed=True)  # Rows stored top to bottom.
-    assert data.image_size(bytes(bmp)).numpy().tolist() == [20, 30] == list(tf.io.decode_image(bytes(bmp)).shape[:2])
+    assert preprocess.image_size(bytes(bmp)).numpy().tolist() == [20, 30] == list(tf.io.decode_image(bytes(bmp)).shape[:2])
     for junk in [b"", b"GIF", b"not an image"]:
-        assert data.image_size(junk).numpy().tolist() == [-1, -1]
+        assert preprocess.image_size(junk).numpy().tolist() == [-1, -1]
         with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF, BMP or WebP image"):
-            data.decode_and_resize(junk)
+            preprocess.decode_and_resize(junk)
 
 
 def test_center_crop_single_and_batch():
     images = np.random.default_rng(2).random((2, 256, 250, 3)).astype(np.float32)
-    np.testing.assert_array_equal(data.center_crop(images).numpy(), images[:, 14:241, 11:238])
-    np.testing.assert_array_equal(data.center_crop(images[0], 200).numpy(), images[0, 28:228, 25:225])
+    np.testing.assert_array_equal(preprocess.center_crop(images).numpy(), images[:, 14:241, 11:238])
+    np.testing.assert_array_equal(preprocess.center_crop(images[0], 200).numpy(), images[0, 28:228, 25:225])
 
 
 def test_ten_crop_views_and_order():
     image = np.random.default_rng(3).random((256, 256, 3)).astype(np.float32)
-    views = data.ten_crop(tf.constant(image)).numpy()
+    views = preprocess.ten_crop(tf.constant(image)).numpy()
     expected = [image[14:241, 14:241], image[:227, :227], image[:227, 29:], image[29:, :227], image[29:, 29:]]
     expected += [view[:, ::-1] for view in expected]
     assert views.shape == (10, 227, 227, 3)
@@ -148,11 +147,11 @@ def test_ten_crop_views_and_order():
 
 
 def test_pca_lighting_shifts_every_pixel_by_the_formula():
-    stats = data.Stats.imagenet()
+    stats = preprocess.Stats.imagenet()
     image = np.random.default_rng(4).uniform(0, 255, (227, 227, 3)).astype(np.float32)
-    np.testing.assert_array_equal(data.pca_lighting(image, tf.zeros(3), stats).numpy(), image)
+    np.testing.assert_array_equal(preprocess.pca_lighting(image, tf.zeros(3), stats).numpy(), image)
     alphas = np.array([0.1, -0.2, 0.05], np.float32)
-    shift = data.pca_lighting(image, alphas, stats).numpy() - image
+    shift = preprocess.pca_lighting(image, alphas, stats).numpy() - image
     expected = stats.eigenvectors @ (alphas * stats.eigenvalues) * 255  # sum_i alpha_i lambda_i p_i.
     np.testing.assert_allclose(shift, np.broadcast_to(expected, shift.shape), atol=1e-3)
     # The shift lies along the eigenvectors with weights alpha_i * lambda_i * 255.
@@ -160,17 +159,17 @@ def test_pca_lighting_shifts_every_pixel_by_the_formula():
 
 
 def test_imagenet_stats_and_round_trip(tmp_path):
-    stats = data.Stats.imagenet()
+    stats = preprocess.Stats.imagenet()
     np.testing.assert_allclose(stats.mean_image[100, 3], [123.68, 116.78, 103.94])
     np.testing.assert_allclose(stats.eigenvalues, [0.2175, 0.0188, 0.0045])
     np.testing.assert_allclose(stats.eigenvectors.T @ stats.eigenvectors, np.eye(3), atol=2e-3)
     stats.save(tmp_path / "s.npz")
-    loaded = data.Stats.load(str(tmp_path / "s.npz"))
+    loaded = preprocess.Stats.load(str(tmp_path / "s.npz"))
     for name in ["mean_image", "channel_mean", "eigenvalues", "eigenvectors"]:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(stats, name))
         assert getattr(loaded, name).dtype == np.float32
     with pytest.raises(FileNotFoundError):
-        data.Stats.load(str(tmp_path / "missing.npz"))
+        preprocess.Stats.load(str(tmp_path / "missing.npz"))
 
 
 # ----------------------------------------------------------------------------- training pipeline
@@ -208,7 +207,7 @@ def test_random_crops_cover_exactly_the_30x30_offsets(coordinates, coordinate_ba
 
 
 def test_lighting_moves_each_image_by_one_vector(coordinates):
-    stats = data.Stats.imagenet()
+    stats = preprocess.Stats.imagenet()
     source = constant_source([coordinates] * 8)
     plain, _ = epochs(source, 8, stats, 2, seed=4, pca_lighting=False)
     lit, _ = epochs(source, 8, stats, 2, seed=4, pca_lighting=True)
@@ -222,7 +221,7 @@ def test_lighting_moves_each_image_by_one_vector(coordinates):
 def test_same_seed_same_batches_other_seed_differs():
     rng = np.random.default_rng(6)
     source = constant_source(list(rng.integers(0, 256, (40, 256, 256, 3), dtype=np.uint8)))
-    stats = data.Stats.imagenet()
+    stats = preprocess.Stats.imagenet()
     first = epochs(source, 16, stats, 3, seed=1, shuffle_buffer=16)
     again = epochs(source, 16, stats, 3, seed=1, shuffle_buffer=16)
     other = epochs(source, 16, stats, 3, seed=2, shuffle_buffer=16)
@@ -239,7 +238,7 @@ def test_same_seed_same_batches_other_seed_differs():
 def test_cache_gives_the_same_batches_and_shards(tmp_path):
     rng = np.random.default_rng(7)
     source = constant_source(list(rng.integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)))
-    stats = data.Stats.imagenet()
+    stats = preprocess.Stats.imagenet()
     plain = epochs(source, 8, stats, 2, seed=5, shuffle_buffer=8)
     for cache in ["memory", str(tmp_path / "cache")]:
         for _ in range(2):  # Second round reads the completed cache.
@@ -280,9 +279,9 @@ def test_eval_pipeline_centre_and_ten_crop():
 
 def test_folder_source_skips_and_counts_corrupt_files(image_folder):
     root, good, corrupt = image_folder
-    train = data.load_source(str(root), "train", val_fraction=0.0)
+    train = sources.load_source(str(root), "train", val_fraction=0.0)
     assert train.class_names == ["ant", "bee", "cat"] and train.num_examples == good + corrupt
-    decoded, skipped = data.decoded_images(train)
+    decoded, skipped = sources.decoded_images(train)
     assert skipped() == 0
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in decoded])
     assert len(images) == good and skipped() == corrupt
@@ -296,7 +295,7 @@ def test_folder_source_skips_and_counts_corrupt_files(image_folder):
 
 def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
     root, good, _ = image_folder
-    digests = lambda split, seed: {x.tobytes() for x, _ in data.decoded_images(data.load_source(
+    digests = lambda split, seed: {x.tobytes() for x, _ in sources.decoded_images(sources.load_source(
         str(root), split, val_fraction=0.5, seed=seed))[0].as_numpy_iterator()}
     train, val = digests("train", 0), digests("val", 0)
     assert len(train) + len(val) == good and train.isdisjoint(val) and min(len(train), len(val)) > 0
@@ -304,8 +303,8 @@ def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
     for split in ["train", "val"]:  # Explicit train/ and val/ folders are used as they are.
         (tmp_path / split / "only").mkdir(parents=True)
         (tmp_path / split / "only" / "a.png").write_bytes(encode(np.zeros((30, 30, 3), np.uint8)))
-    assert data.load_source(str(tmp_path), "validation").num_examples == 1
-    assert data.load_source(str(tmp_path), "train").class_names == ["only"]
+    assert sources.load_source(str(tmp_path), "validation").num_examples == 1
+    assert sources.load_source(str(tmp_path), "train").class_names == ["only"]
 
 
 def test_validation_folders_are_labelled_by_the_training_split_s_names(tmp_path):
@@ -314,24 +313,24 @@ def test_validation_folders_are_labelled_by_the_training_split_s_names(tmp_path)
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(2):
                 (tmp_path / split / name / f"{i}.png").write_bytes(encode(np.zeros((16, 16, 3), np.uint8)))
-    val = data.load_source(str(tmp_path), "validation")
+    val = sources.load_source(str(tmp_path), "validation")
     assert val.class_names == ["ant", "bee", "cat"]
-    assert sorted(int(label) for _, label in val.images) == [0, 0, 2, 2]  # Not [0, 0, 1, 1]: cat is 2.
+    assert sorted(int(label) for _, label in val.records) == [0, 0, 2, 2]  # Not [0, 0, 1, 1]: cat is 2.
     (tmp_path / "val" / "dog").mkdir()
-    with pytest.raises(data.DataError, match=r"val has classes its labels do not know: 'dog' \(the 3 known"):
-        data.load_source(str(tmp_path), "validation")
-    with pytest.raises(data.DataError, match="'ant', 'bee', 'cat'"):  # Another run's labels.
-        data.load_source(str(tmp_path), "train", class_names=["dog", "eel"])
+    with pytest.raises(preprocess.DataError, match=r"val has classes its labels do not know: 'dog' \(the 3 known"):
+        sources.load_source(str(tmp_path), "validation")
+    with pytest.raises(preprocess.DataError, match="'ant', 'bee', 'cat'"):  # Another run's labels.
+        sources.load_source(str(tmp_path), "train", class_names=["dog", "eel"])
 
 
 def test_other_sources_are_labelled_by_name_too():
     names = list(reversed(synthetic.CLASS_NAMES))
-    source = data.load_source("synthetic", "validation", class_names=names)
-    own = data.load_source("synthetic", "validation")
+    source = sources.load_source("synthetic", "validation", class_names=names)
+    own = sources.load_source("synthetic", "validation")
     assert source.class_names == names
-    assert [int(y) for _, y in source.images.take(10)] == [9 - int(y) for _, y in own.images.take(10)]
-    with pytest.raises(data.DataError, match=r"synthetic \(validation\) has classes its labels do not know"):
-        data.load_source("synthetic", "validation", class_names=names[1:])
+    assert [int(y) for _, y in source.records.take(10)] == [9 - int(y) for _, y in own.records.take(10)]
+    with pytest.raises(preprocess.DataError, match=r"synthetic \(validation\) has classes its labels do not know"):
+        sources.load_source("synthetic", "validation", class_names=names[1:])
 
 
 def test_clear_errors(tmp_path, image_folder):
@@ -345,18 +344,18 @@ def test_clear_errors(tmp_path, image_folder):
              ("no_such_dataset_xyz", "train", "no_such_dataset_xyz"),
              (str(image_folder[0]), "test", "test"), ("synthetic", "test", "test")]
     for dataset, split, words in cases:
-        with pytest.raises(data.DataError, match=words.split()[-1]) as error:
-            data.load_source(dataset, split)
+        with pytest.raises(preprocess.DataError, match=words.split()[-1]) as error:
+            sources.load_source(dataset, split)
         assert "\n" not in str(error.value) and (words in str(error.value) or dataset in str(error.value))
 
 
 def test_synthetic_is_deterministic_balanced_and_varied():
     assert synthetic.SIZES == {"train": 2560, "validation": 512}
-    source = data.load_source("synthetic", "train")
+    source = sources.load_source("synthetic", "train")
     assert source.num_examples == 2560 and len(source.class_names) == 10
-    first = list(data.decoded_images(source)[0].take(20).as_numpy_iterator())
-    again = list(data.decoded_images(data.load_source("synthetic", "train"))[0].take(20).as_numpy_iterator())
-    val = list(data.decoded_images(data.load_source("synthetic", "val"))[0].take(20).as_numpy_iterator())
+    first = list(sources.decoded_images(source)[0].take(20).as_numpy_iterator())
+    again = list(sources.decoded_images(sources.load_source("synthetic", "train"))[0].take(20).as_numpy_iterator())
+    val = list(sources.decoded_images(sources.load_source("synthetic", "val"))[0].take(20).as_numpy_iterator())
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again))
     assert not any(np.array_equal(a[0], b[0]) for a, b in zip(first, val))
     assert [y for _, y in first] == list(range(10)) * 2
@@ -368,23 +367,23 @@ def test_synthetic_is_deterministic_balanced_and_varied():
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared Imagenette JPEGs not found at {SHARED}")
 def test_real_jpegs_from_the_shared_folder():
-    train, val = data.load_source(str(SHARED), "train"), data.load_source(str(SHARED), "validation")
+    train, val = sources.load_source(str(SHARED), "train"), sources.load_source(str(SHARED), "validation")
     assert (train.num_examples, val.num_examples) == (3000, 1000)
     assert train.class_names == sorted(p.name for p in (SHARED / "train").iterdir()) and len(train.class_names) == 10
-    batch, labels = next(iter(data.eval_pipeline(val, 50, data.Stats.imagenet())))
+    batch, labels = next(iter(data.eval_pipeline(val, 50, preprocess.Stats.imagenet())))
     assert batch.shape == (50, 227, 227, 3) and -140 < float(tf.reduce_mean(batch)) < 140
     assert float(tf.math.reduce_std(batch)) > 20 and labels.dtype == tf.int32
     greyscale = sorted((SHARED / "train").rglob("*.JPEG"), key=lambda p: Image.open(p).mode != "L")[0]
     assert Image.open(greyscale).mode == "L"
-    image = data.decode_and_resize(tf.io.read_file(str(greyscale))).numpy()
+    image = preprocess.decode_and_resize(tf.io.read_file(str(greyscale))).numpy()
     assert image.shape == (256, 256, 3) and np.array_equal(image[..., 0], image[..., 2])
 
 
 # ----------------------------------------------------------------------------- statistics
 
 def test_stats_match_numpy(image_folder):
-    source = data.load_source(str(image_folder[0]), "train", val_fraction=0.0)
-    decoded, _ = data.decoded_images(source)
+    source = sources.load_source(str(image_folder[0]), "train", val_fraction=0.0)
+    decoded, _ = sources.decoded_images(source)
     images = np.stack([x for x, _ in decoded.as_numpy_iterator()]).astype(np.float64)
     stats = stats_cli.compute_stats(decoded, source.num_examples, batch_size=5)
     np.testing.assert_allclose(stats.mean_image, images.mean(0), rtol=1e-5, atol=1e-3)
@@ -401,7 +400,7 @@ def test_stats_cli(tmp_path, image_folder):
                                        capture_output=True, text=True, timeout=120)
     done = run(f"--dataset={image_folder[0]}", f"--output={tmp_path / 'out.npz'}", "--max_images=6")
     assert done.returncode == 0, done.stderr[-2000:]
-    stats = data.Stats.load(str(tmp_path / "out.npz"))
+    stats = preprocess.Stats.load(str(tmp_path / "out.npz"))
     assert stats.mean_image.shape == (256, 256, 3) and np.all(stats.eigenvalues[:-1] >= stats.eigenvalues[1:])
     failed = run(f"--dataset={tmp_path / 'nowhere'}", f"--output={tmp_path / 'x.npz'}")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
@@ -426,8 +425,8 @@ def test_tfds_download_reaches_the_network(tmp_path, monkeypatch):
     with pytest.raises(requests.exceptions.ConnectionError, match="offline test"):
         builder.download_and_prepare()
     assert urls and urls[0].endswith("flower_photos.tgz")
-    with pytest.raises(data.DataError, match="'tf_flowers' is not prepared.*tfds build tf_flowers"):
-        data.load_source("tf_flowers", "train", data_dir=str(tmp_path / "unprepared"))
+    with pytest.raises(preprocess.DataError, match="'tf_flowers' is not prepared.*tfds build tf_flowers"):
+        sources.load_source("tf_flowers", "train", data_dir=str(tmp_path / "unprepared"))
 
 
 class AlexnetTestImages(tfds.core.GeneratorBasedBuilder):
@@ -449,18 +448,18 @@ class AlexnetTestImages(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_source_decodes_and_holds_out_validation(tmp_path):
     tfds.builder("alexnet_test_images", data_dir=str(tmp_path)).download_and_prepare()
-    train, val = (data.load_source("alexnet_test_images", split, data_dir=str(tmp_path)) for split in ["train", "val"])
+    train, val = (sources.load_source("alexnet_test_images", split, data_dir=str(tmp_path)) for split in ["train", "val"])
     assert train.class_names == ["dark", "light"] and (train.num_examples, val.num_examples) == (18, 2)
     for source in (train, val):
-        for image, label in data.decoded_images(source)[0].as_numpy_iterator():
+        for image, label in sources.decoded_images(source)[0].as_numpy_iterator():
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and label.dtype == np.int32
             assert np.all(image == (220 if label else 30))
-    assert data.load_source("alexnet_test_images", "train[:50%]", data_dir=str(tmp_path)).num_examples == 10
-    by_name = data.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light", "x", "dark"])
-    for image, label in by_name.images.as_numpy_iterator():  # A run's labels: light is 0 and dark 2.
+    assert sources.load_source("alexnet_test_images", "train[:50%]", data_dir=str(tmp_path)).num_examples == 10
+    by_name = sources.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light", "x", "dark"])
+    for image, label in sources.decoded_images(by_name)[0].as_numpy_iterator():  # A run's labels: light 0, dark 2.
         assert label == {220: 0, 30: 2}[int(image[0, 0, 0])]
-    with pytest.raises(data.DataError, match=r"alexnet_test_images \(validation\) has classes its labels do "
+    with pytest.raises(preprocess.DataError, match=r"alexnet_test_images \(validation\) has classes its labels do "
                                              r"not know: 'dark' \(the 1 known: 'light'\)"):
-        data.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light"])
-    with pytest.raises(data.DataError, match="'alexnet_test_images' has no split 'test'"):
-        data.load_source("alexnet_test_images", "test", data_dir=str(tmp_path))
+        sources.load_source("alexnet_test_images", "val", data_dir=str(tmp_path), class_names=["light"])
+    with pytest.raises(preprocess.DataError, match="'alexnet_test_images' has no split 'test'"):
+        sources.load_source("alexnet_test_images", "test", data_dir=str(tmp_path))

@@ -11,15 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import checkpoint, data, train
+from keras_alexnet import checkpoint, distribute, train
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet, feature_model
+from keras_alexnet.step import make_train_step
 
 # Learning rate 0.001: at 0.01 a random net's first steps at batch 8 are chaotic (ReLUs that flip
 # amplify the rounding of one step, 1e-6, to 5e-4 of the weight scale by the third step); that
@@ -31,7 +33,7 @@ FLAGS = [f"--{key}={value}" for key, value in RUN.items()]
 
 def run_in_process(model_dir, devices, towers_per_replica, **changes):
     tf.distribute.MirroredStrategy._collective_key_base += 100_000  # As conftest.separate_strategies.
-    strategy, plan = train.make_strategy(towers_per_replica, devices)
+    strategy, plan = distribute.make_strategy(towers_per_replica, devices)
     train.train(Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes),
                 strategy, plan)
     return final_checkpoint(model_dir)
@@ -85,21 +87,30 @@ def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towe
 # ----------------------------------------------------------------------------------------- workers
 
 def start_workers(model_dir, ports, *extra):
+    """Two worker processes; their output goes to files beside the run (a full pipe would block one)."""
     workers = []
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({
             "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
+        worker = subprocess.Popen(
             [sys.executable, "-m", "keras_alexnet.train", *FLAGS, "--cpu_devices=2", f"--model_dir={model_dir}",
-             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             *extra], env=env, stdout=open(f"{model_dir}.worker{index}.out", "w"),
+            stderr=open(f"{model_dir}.worker{index}.err", "w"))
+        worker.log = f"{model_dir}.worker{index}"
+        workers.append(worker)
     return workers
 
 
+def output(worker, stream="out"):
+    return Path(f"{worker.log}.{stream}").read_text()
+
+
 def finish(workers, timeout=400):
-    outputs = [w.communicate(timeout=timeout) for w in workers]
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, (out[-2000:], err[-3000:])
-    return [out for out, _ in outputs]
+    """The workers' standard outputs, once both have exited with status 0."""
+    for worker in workers:
+        worker.wait(timeout=timeout)
+        assert worker.returncode == 0, (output(worker)[-2000:], output(worker, "err")[-3000:])
+    return [output(worker) for worker in workers]
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +134,9 @@ def test_sigterm_to_one_worker_saves_both_and_resumes_exactly(plan_d, tmp_path, 
     again, they end bit-identical to the uninterrupted run."""
     workers = start_workers(tmp_path, [free_port(), free_port()], "--steps_per_loop=1")
     deadline = time.time() + 300
-    while not (tmp_path / "train").is_dir() and time.time() < deadline:  # Summaries: training has begun.
+    while "epoch 1/2 step 1/3" not in output(workers[1]):  # Training has begun: TF's handler is installed.
+        assert time.time() < deadline and workers[1].poll() is None, output(workers[1])
         time.sleep(0.2)
-    time.sleep(2)
     workers[1].send_signal(signal.SIGTERM)
     outputs = finish(workers)
     stopped = [int(out.split("SIGTERM: stopped at step ")[1].split(";")[0]) for out in outputs
@@ -186,7 +197,7 @@ def decay_only_step(policy_name, logical_cpus):
         optimizer.build(model.trainable_variables)
     model.get_layer("fc8").layer.bias.assign(np.eye(10)[0] * 1000)
     before = [v.numpy() for v in model.trainable_variables]
-    step = train.make_train_step(strategy, model, optimizer, config)
+    step = make_train_step(strategy, model, optimizer, config)
     step(tf.random.stateless_normal([2, 227, 227, 3], [0, 2], stddev=50), tf.zeros([2], tf.int32))
     return before, [v.numpy() for v in model.trainable_variables], model.trainable_variables, optimizer
 
@@ -212,7 +223,7 @@ def test_mixed_precision_steps_learn_with_lrn_in_float32(policy, policy_name, lo
         if policy_name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
-    step = train.make_train_step(strategy, model, optimizer, config)
+    step = make_train_step(strategy, model, optimizer, config)
     images = tf.random.stateless_normal([4, 227, 227, 3], [0, 3], stddev=50)
     labels = tf.constant([0, 1, 2, 3])
     losses = [float(step(images, labels)[0]) / 4 for _ in range(6)]

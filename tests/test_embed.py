@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageFont
 
-from keras_alexnet import checkpoint, cli, data, embed, filters, neighbors
+from keras_alexnet import checkpoint, cli, embed, filters, neighbors, preprocess
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet
 
@@ -37,7 +37,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def saved_model(model, tmp_path_factory):
-    return export_saved_model(model, [f"class{i}" for i in range(10)], data.Stats.imagenet(),
+    return export_saved_model(model, [f"class{i}" for i in range(10)], preprocess.Stats.imagenet(),
                               str(tmp_path_factory.mktemp("export")), 1)
 
 
@@ -183,7 +183,7 @@ def test_a_failed_embed_leaves_the_existing_log_dir_intact(saved_model, image_fo
     (tmp_path / "corrupt").mkdir()
     for name in ("a.jpg", "b.png"):
         (tmp_path / "corrupt" / name).write_bytes(b"not an image")
-    with pytest.raises(data.DataError, match="no image could be embedded"):
+    with pytest.raises(preprocess.DataError, match="no image could be embedded"):
         embed.run(saved_model, str(logdir), images=str(tmp_path / "corrupt"))
     assert {p.name: p.read_bytes() for p in logdir.iterdir()} == before
     assert len(read_metadata(logdir)[1]) == 2 and sorted(os.listdir(tmp_path)) == ["corrupt", "logs"]
@@ -200,7 +200,7 @@ def test_neighbours_refuse_an_index_made_by_another_export(embedded, model, save
     logdir, _, _ = embedded
     assert json.loads((logdir / embed.EXPORT).read_text()) == {
         "saved_model": os.path.abspath(saved_model), "fingerprint": embed.fingerprint(saved_model)}
-    stats = data.Stats.imagenet()
+    stats = preprocess.Stats.imagenet()
     stats.mean_image = stats.mean_image + 1  # Another export: other outputs for the same images.
     other = export_saved_model(model, [f"class{i}" for i in range(10)], stats, str(tmp_path / "other"), 2)
     assert embed.fingerprint(other) != embed.fingerprint(saved_model)
@@ -266,7 +266,7 @@ def test_nearest_is_exact_euclidean():
 
 def write_run(model_dir, model):
     checkpoint.write_run_files(str(model_dir), {"model": {"num_classes": 10, "seed": 0, "init": "glorot"}},
-                               [f"class{i}" for i in range(10)], data.Stats.imagenet())
+                               [f"class{i}" for i in range(10)], preprocess.Stats.imagenet())
     tf.train.Checkpoint(model=model, step=tf.Variable(7, dtype=tf.int64)).save(
         str(model_dir / checkpoint.CHECKPOINTS / "ckpt"))
 
@@ -304,6 +304,17 @@ def test_filters_from_a_saved_model(saved_model, tmp_path):
                            "B": pytest.approx(filters.saturation(expected[1]))}
     with pytest.raises(ValueError, match="exactly one of --model_dir and --saved_model"):
         filters.run(str(tmp_path / "f.png"))
+
+
+def test_filters_from_a_one_tower_export(tmp_path):
+    """The one-tower ablation model's export has one [11, 11, 3, 96] conv1 kernel, found by name."""
+    model = build_alexnet(10, towers=1, seed=2)
+    path = export_saved_model(model, [f"class{i}" for i in range(10)], preprocess.Stats.imagenet(), str(tmp_path), 1)
+    saturations = filters.run(str(tmp_path / "f.png"), saved_model=path, columns=16, scale=1)
+    expected = filters.kernels_from_model(model)
+    assert [k.shape for k in expected] == [(11, 11, 3, 96)]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), filters.kernel_grid(expected, 16, 1))
+    assert saturations == {"A": pytest.approx(filters.saturation(expected[0]))}
 
 
 def free_port():

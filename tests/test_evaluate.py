@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import checkpoint, data, evaluate, metrics
+from keras_alexnet import checkpoint, metrics, preprocess
 from keras_alexnet.model import build_alexnet
 
 CLASSES = ["blue", "green", "red"]
@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
     model_kwargs = {"num_classes": 3, "init": "glorot"}
     model = build_alexnet(**model_kwargs, seed=1)
     checkpoint.write_run_files(root / "run", {"model": model_kwargs, "dataset": str(root / "data")},
-                               CLASSES, data.Stats.imagenet())
+                               CLASSES, preprocess.Stats.imagenet())
     ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(42, dtype=tf.int64))
     tf.train.CheckpointManager(ckpt, root / "run" / checkpoint.CHECKPOINTS, max_to_keep=1).save()
     return root, model
@@ -41,9 +41,9 @@ def expected_errors(model, val_folder, ten_crop):
     top1 = top5 = n = 0
     for path in sorted(val_folder.glob("*/*.jpg")):
         label = CLASSES.index(path.parent.name)
-        image = data.decode_and_resize(path.read_bytes())
-        views = (data.ten_crop if ten_crop else lambda x: data.center_crop(x)[None])(
-            tf.cast(image, tf.float32) - data.Stats.imagenet().mean_image)
+        image = preprocess.decode_and_resize(path.read_bytes())
+        views = (preprocess.ten_crop if ten_crop else lambda x: preprocess.center_crop(x)[None])(
+            tf.cast(image, tf.float32) - preprocess.Stats.imagenet().mean_image)
         probabilities = model(views, training=False).numpy().mean(0)
         ranking = np.argsort(-probabilities)
         top1 += ranking[0] != label

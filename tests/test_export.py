@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import checkpoint, data, export
+from keras_alexnet import checkpoint, data, export, preprocess, sources
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 
 SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
@@ -35,7 +35,7 @@ def run_cli(*args, **kwargs):
 def stats():
     """ImageNet figures with a mean image that varies in space, so that a wrong crop of it shows."""
     ramp = np.linspace(-20, 20, 256, dtype=np.float32)
-    imagenet = data.Stats.imagenet()
+    imagenet = preprocess.Stats.imagenet()
     return dataclasses.replace(imagenet, mean_image=imagenet.mean_image + ramp[:, None, None] - ramp[None, :, None])
 
 
@@ -78,12 +78,12 @@ def image_files(tmp_path_factory):
 
 
 def mean_crop(stats):
-    return data.center_crop(tf.constant(stats.mean_image)).numpy()
+    return preprocess.center_crop(tf.constant(stats.mean_image)).numpy()
 
 
 def keras_outputs(model, stats, files):
     """What the Keras model gives for the centre crops of `files`: (probabilities, fc7)."""
-    crops = np.stack([data.center_crop(data.decode_and_resize(Path(f).read_bytes())) for f in files])
+    crops = np.stack([preprocess.center_crop(preprocess.decode_and_resize(Path(f).read_bytes())) for f in files])
     inputs = crops.astype(np.float32) - mean_crop(stats)
     return model(inputs, training=False).numpy(), feature_model(model)(inputs, training=False).numpy()
 
@@ -209,8 +209,8 @@ def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_fi
     module = export.serving_module(keras_model, CLASSES, stats, ten_crop=True)
     assert bool(module.ten_crop.numpy())
     encoded = [Path(f).read_bytes() for f in image_files]
-    decoded = tf.stack([data.decode_and_resize(e) for e in encoded])
-    source = data.array_source(decoded, np.zeros(len(encoded)), CLASSES)
+    decoded = tf.stack([preprocess.decode_and_resize(e) for e in encoded])
+    source = sources.array_source(decoded, np.zeros(len(encoded)), CLASSES)
     views, _ = next(iter(data.eval_pipeline(source, len(encoded), stats, ten_crop=True)))
     views = tf.reshape(views, (-1, *INPUT_SHAPE))
 
@@ -223,7 +223,7 @@ def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_fi
     fc7 = module.features_images(image_bytes=tf.constant(encoded))["fc7"].numpy()
     assert relative_difference(fc7, averaged(feature_model(keras_model), views)) < 1e-5
     # The mean's centre patch taken from every view (the export before issue 13) differs on this mean image.
-    views_of_pixels = tf.concat([data.ten_crop(tf.cast(image, tf.float32)) for image in decoded], 0)
+    views_of_pixels = tf.concat([preprocess.ten_crop(tf.cast(image, tf.float32)) for image in decoded], 0)
     assert relative_difference(averaged(keras_model, views_of_pixels - mean_crop(stats)), expected) > 1e-3
 
 
@@ -339,8 +339,9 @@ def test_a_huge_png_is_refused_before_decoding(exported, image_files, tmp_path):
     assert peak < 2 ** 30, f"the refused call raised the peak RSS by {peak / 2 ** 20:.0f} MB"
     (tmp_path / "train" / "big").mkdir(parents=True)  # Training counts it as corrupt, as it does tiny ones.
     (tmp_path / "train" / "big" / "huge.png").write_bytes(huge)
-    source = data.load_source(str(tmp_path), "train", val_fraction=0.0)
-    assert list(source.images) == [] and source.skipped() == 1
+    source = sources.load_source(str(tmp_path), "train", val_fraction=0.0)
+    decoded, skipped = sources.decoded_images(source)
+    assert list(decoded) == [] and skipped() == 1
 
 
 def encoded_png(side):
@@ -353,16 +354,17 @@ def encoded_png(side):
 def test_tiny_images_are_refused_alike_in_serving_and_training(side, loaded, tmp_path):
     (tmp_path / "train" / "tiny").mkdir(parents=True)
     (tmp_path / "train" / "tiny" / "a.png").write_bytes(encoded_png(side))
-    source = data.load_source(str(tmp_path), "train", val_fraction=0.0)
-    decoded = list(source.images)
+    source = sources.load_source(str(tmp_path), "train", val_fraction=0.0)
+    images, skipped = sources.decoded_images(source)
+    decoded = list(images)
     for name in ("predict_images", "features_images"):
-        if side < data.MIN_SIDE:
+        if side < preprocess.MIN_SIDE:
             with pytest.raises(tf.errors.InvalidArgumentError,
                                match=f"image of {side} x {side} pixels is under the minimum of 8 pixels a side"):
                 loaded[name](image_bytes=tf.constant([encoded_png(side)]))
         else:
             assert len(next(iter(loaded[name](image_bytes=tf.constant([encoded_png(side)])).values()))) == 1
-    assert (len(decoded), source.skipped()) == ((0, 1) if side < data.MIN_SIDE else (1, 0))
+    assert (len(decoded), skipped()) == ((0, 1) if side < preprocess.MIN_SIDE else (1, 0))
 
 
 def test_export_command_sets_the_size_limit_and_says_what_it_replaced(run_dir, image_files, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import checkpoint, data, predict
+from keras_alexnet import checkpoint, predict, preprocess
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet
 
@@ -92,7 +92,7 @@ def test_bad_input_fails_in_one_line(case, bvlc_export, photos, tmp_path):
 def test_ten_crop_export(photos, tmp_path, capsys):
     """With a 10-crop export, --ten_crop is accepted and the lines are its averaged probabilities."""
     classes = [f"class {i}" for i in range(10)]
-    saved_model = Path(export_saved_model(build_alexnet(10, seed=0, init="glorot"), classes, data.Stats.imagenet(),
+    saved_model = Path(export_saved_model(build_alexnet(10, seed=0, init="glorot"), classes, preprocess.Stats.imagenet(),
                                           str(tmp_path), 1, ten_crop=True))
     done, skipped = predict.run(str(saved_model), photos, top_k=2, ten_crop=True)
     lines = capsys.readouterr().out.splitlines()

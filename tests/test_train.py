@@ -1,6 +1,5 @@
 """The training loop: section 5's update rule, op placement, resume, signals, multi-worker, errors."""
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,8 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import train
+from keras_alexnet import distribute, train
+from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet
+from keras_alexnet.step import make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +39,12 @@ def replica_plan(logical_cpus):
 def step_setup(replica_plan):
     strategy, plan = replica_plan
     # A large weight decay, so that its term is as big as the gradient's and a missing one shows.
-    config = train.Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9, weight_decay=0.5)
+    config = Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9, weight_decay=0.5)
     with strategy.scope():
         model = build_alexnet(10, tower_devices=plan, dropout_rate=0.0, init="caffe", seed=3)
         optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
         optimizer.build(model.trainable_variables)
-    return strategy, model, optimizer, config, train.make_train_step(strategy, model, optimizer, config)
+    return strategy, model, optimizer, config, make_train_step(strategy, model, optimizer, config)
 
 
 def test_two_steps_follow_the_papers_update_rule(step_setup):
@@ -116,12 +117,12 @@ def test_the_demo_is_as_small_as_the_readme_says():
 
 def test_stuck_runs_are_judged_by_steps_taken():
     """A small dataset at chance after 3 short epochs is not stopped; after --stuck_steps it is."""
-    config = train.Config(stuck_steps=300)
+    config = Config(stuck_steps=300)
     train._check_stuck(3, 30, 2.3, 10, config)  # 3 epochs of 10 steps: too early to judge.
     train._check_stuck(5, 299, 2.3, 10, config)
     with pytest.raises(train.TrainingStuck, match="stopped at step 300 after 3 epochs at chance"):
         train._check_stuck(3, 300, 2.3, 10, config)
-    train._check_stuck(9, 10_000, 2.3, 10, train.Config(stuck_steps=0))  # 0: never.
+    train._check_stuck(9, 10_000, 2.3, 10, Config(stuck_steps=0))  # 0: never.
 
 
 def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
@@ -147,7 +148,7 @@ def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
                                               ({"stats": "/nonexistent.npz"}, "does not exist")])
 def test_bad_values_are_named(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        train.Config(**changes).validate()
+        Config(**changes).validate()
 
 
 def test_bad_input_stops_with_one_line_and_no_traceback(tmp_path):
@@ -173,7 +174,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, final_digest):
     assert 2 <= saved < 8
     result = run_trainer(tmp_path, "--epochs=2", "--checkpoint_every=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from" in result.stderr and f"at step {saved}" in result.stderr
+    assert "resumed from" in result.stderr and f"at step {saved}" in result.stderr
     assert final_digest(result.stdout)[1] == 8
     assert json.loads((tmp_path / "config.json").read_text())["model"]["num_classes"] == 10
     assert len((tmp_path / "labels.txt").read_text().splitlines()) == 10
@@ -218,8 +219,8 @@ def image_folder(root, classes, per_class=4, corrupt=False):
 def tiny_run(model_dir, dataset=None, logical_cpus=None, **changes):
     settings = {**dict(dataset=dataset, model_dir=str(model_dir), batch_size=4, epochs=1, steps_per_epoch=1,
                        eval_steps=1, shuffle_buffer=16, init="caffe"), **changes}
-    strategy, plan = train.make_strategy(2, logical_cpus[:2])
-    return train.train(train.Config(**settings), strategy, plan)
+    strategy, plan = distribute.make_strategy(2, logical_cpus[:2])
+    return train.train(Config(**settings), strategy, plan)
 
 
 def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_cpus):

@@ -1,0 +1,221 @@
+"""Where images come from: a folder of class folders, a TFDS dataset, or the built-in synthetic set.
+
+A `Source` is a split in a fixed order, as cheap records (a path, the encoded bytes, an index) and the
+function that loads one into a uint8 [256, 256, 3] image (preprocess). Labels come from the training
+split's class names; other splits and other datasets are mapped to them by name.
+"""
+import collections
+import hashlib
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_alexnet import synthetic
+from keras_alexnet.preprocess import IMAGE_SIZE, DataError, decode, resize_and_crop
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+Source = collections.namedtuple("Source", ["records", "load", "class_names", "num_examples"])
+Source.__doc__ = """A split of a dataset, in a fixed order.
+
+records: tf.data.Dataset of (payload, int32 label), cheap to hold and shuffle: a file path, the
+    encoded bytes, a synthetic image's index, or a decoded image.
+load: payload -> uint8 [256, 256, 3], in-graph; it fails on a bad file (`load_images` catches that).
+class_names: list of str, index = label.
+num_examples: the number of records (files that turn out corrupt are included).
+"""
+
+
+def array_source(images, labels, class_names):
+    """A Source over decoded uint8 [N, 256, 256, 3] images held in memory (tests, benchmarks)."""
+    records = tf.data.Dataset.from_tensor_slices((np.asarray(images, np.uint8), np.asarray(labels, np.int32)))
+    return Source(records, tf.identity, list(class_names), len(images))
+
+
+def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_names=None):
+    """The `split` of `dataset` as a `Source`.
+
+    dataset: "synthetic" (built-in, see keras_alexnet.synthetic), a folder of class folders, or a
+        TFDS name such as "imagenette/320px-v2", "tf_flowers" or "imagenet2012".
+    split: "train" or "validation" ("val" also works); other TFDS split names pass through.
+    Folders: DATASET/train and DATASET/val (or validation) are used when present; otherwise DATASET
+        holds the class folders (or only DATASET/train exists) and the validation split is the
+        `val_fraction` of the files whose path hash falls below it: the same for every seed. Classes are
+        the sorted folder names. `seed` fixes the (shuffled) order of the files. TFDS datasets
+        without a validation split use the last `val_fraction` of "train" (TFDS slicing) instead.
+    class_names: the label of each class name (e.g. a run's labels.txt): the split's classes are
+        matched to them by name, and a class not among them is a DataError naming it; a split may
+        have fewer. Default: the dataset's own (for folders, the training split's folders).
+    Files that fail to load (truncated, empty, not an image, too small or too large) are flagged by
+    `load_images`.
+    """
+    split = {"val": "validation"}.get(split, split)
+    if dataset == "synthetic":
+        source = _synthetic_source(split)
+    elif tf.io.gfile.isdir(dataset):
+        return _folder_source(dataset, split, val_fraction, seed, class_names)
+    elif dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
+        raise DataError(f"dataset folder {dataset} does not exist")
+    else:
+        source = _tfds_source(dataset, split, data_dir, val_fraction)
+    if class_names is None or list(class_names) == source.class_names:
+        return source
+    labels = tf.constant(_labels_by_name(source.class_names, class_names, f"{dataset} ({split})"), tf.int32)
+    return source._replace(records=source.records.map(lambda payload, label: (payload, tf.gather(labels, label))),
+                           class_names=list(class_names))
+
+
+def _labels_by_name(names, class_names, where):
+    """The label in `class_names` of each of `names`, or a DataError naming those it lacks.
+
+    A name matches a label, or the label's first word: ImageNet folders are WordNet ids, and a
+    synset_words.txt label is "n01440764 tench, Tinca tinca".
+    """
+    index = {**{name.split(" ", 1)[0]: i for i, name in enumerate(class_names)},
+             **{name: i for i, name in enumerate(class_names)}}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        shown = lambda some: ", ".join(map(repr, some[:10])) + (", ..." if len(some) > 10 else "")
+        raise DataError(f"{where} has classes its labels do not know: {shown(unknown)} (the "
+                        f"{len(class_names)} known: {shown(list(class_names))})")
+    return [index[name] for name in names]
+
+
+def _synthetic_source(split):
+    if split not in synthetic.SIZES:
+        raise DataError(f"synthetic has no split {split!r}; it has {', '.join(synthetic.SIZES)}")
+    records = tf.data.Dataset.range(synthetic.SIZES[split]).map(lambda index: (index, synthetic.label(index)))
+    return Source(records, synthetic.image_function(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split])
+
+
+def _folder_source(root, split, val_fraction, seed, class_names):
+    subfolders = {name.rstrip("/") for name in tf.io.gfile.listdir(root)}
+    val_name = next((name for name in ("val", "validation") if name in subfolders), None)
+    if "train" in subfolders and val_name:
+        if split not in ("train", "validation"):
+            raise DataError(f"{root} has no split {split!r}; use train or validation")
+        classes_root, held_out = os.path.join(root, "train" if split == "train" else val_name), None
+    elif split in ("train", "validation"):
+        classes_root = os.path.join(root, "train") if "train" in subfolders else root
+        held_out = split == "validation"
+    else:
+        raise DataError(f"{root} has no split {split!r}; use train or validation")
+    folders, paths, labels = _list_images(classes_root)
+    if class_names is None:  # The training split's folders define the labels.
+        class_names = folders if held_out is not None or split == "train" else \
+            _class_folders(os.path.join(root, "train"))
+    by_name = _labels_by_name(folders, class_names, classes_root)
+    labels = [by_name[label] for label in labels]
+    if held_out is not None:
+        keep = [(_path_fraction(os.path.relpath(p, classes_root)) < val_fraction) == held_out for p in paths]
+        paths, labels = [p for p, k in zip(paths, keep) if k], [l for l, k in zip(labels, keep) if k]
+        if not paths:
+            raise DataError(f"{root}: the {split} split (val_fraction={val_fraction}) holds no images")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    records = tf.data.Dataset.from_tensor_slices(
+        (np.array(paths, dtype=object)[order].astype(str), np.array(labels, np.int32)[order]))
+    return Source(records, lambda path: decode(tf.io.read_file(path)), list(class_names), len(paths))
+
+
+def _class_folders(root):
+    """The sorted names of the folders in `root`: its classes."""
+    entries = sorted(tf.io.gfile.listdir(root))
+    return [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
+
+
+def _list_images(root):
+    class_names = _class_folders(root)
+    if not class_names:
+        what = "files but no class subfolders" if tf.io.gfile.listdir(root) else "nothing"
+        raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        for file in sorted(tf.io.gfile.listdir(os.path.join(root, name))):
+            if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
+                paths.append(os.path.join(root, name, file))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return class_names, paths, labels
+
+
+def _path_fraction(path):
+    """A number in [0, 1) fixed by the path: which files are held out for validation."""
+    return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def _tfds_source(name, split, data_dir, val_fraction):
+    import tensorflow_datasets as tfds  # Slow to import; only needed here.
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"unknown dataset {name!r}: not 'synthetic', not a folder, not a TFDS name") from None
+    except ValueError as error:  # E.g. an unknown config of a known dataset.
+        raise DataError(f"TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
+    if not builder.is_prepared():
+        manual = ""
+        if name.startswith("imagenet2012"):
+            manual_dir = os.path.join(data_dir or "~/tensorflow_datasets", "downloads", "manual")
+            manual = f" after putting ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}"
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}: run `tfds build {name}"
+            f"{' --data_dir=' + data_dir if data_dir else ''}`{manual} (or call "
+            f"tfds.builder({name!r}).download_and_prepare())")
+    splits = builder.info.splits
+    if split in ("train", "validation") and "validation" not in splits and "train" in splits:
+        cut = round(100 * (1 - val_fraction))
+        split = f"train[:{cut}%]" if split == "train" else f"train[{cut}%:]"
+    try:
+        num_examples = splits[split].num_examples
+    except (KeyError, ValueError, AssertionError):
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from None
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    records = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
+    records = records.map(lambda data, label: (data, tf.cast(label, tf.int32)))
+    return Source(records, decode, list(builder.info.features[label_key].names), num_examples)
+
+
+def load_images(records, load):
+    """(index, payload, label) -> (index, uint8 [256, 256, 3] image, ok, label), in order.
+
+    ok is False, and the image zeros, when `load` fails on the payload: unreadable, empty, not an
+    image, a JPEG cut short (TensorFlow refuses truncated JPEGs), smaller than MIN_SIDE or larger
+    than MAX_MEGAPIXELS by its header (`decode`). Each payload is loaded in a one-element dataset
+    whose errors are ignored, so a bad file gives a flag instead of stopping the pipeline.
+    """
+    placeholder = tf.data.Dataset.from_tensors((tf.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8), False))
+
+    def try_load(index, payload, label):
+        image = (tf.data.Dataset.from_tensors(payload).map(load).ignore_errors()
+                 .map(lambda image: (resize_and_crop(image), True)))
+        return image.concatenate(placeholder).take(1).map(lambda image, ok: (index, image, ok, label))
+
+    return records.interleave(try_load, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def has_readable_image(source):
+    """True once one image of `source` loads: reads only as far as the first good file."""
+    indexed = source.records.enumerate().map(lambda index, record: (index, *record))
+    readable = load_images(indexed, source.load).filter(lambda index, image, ok, label: ok)
+    return any(True for _ in readable.take(1))
+
+
+def decoded_images(source):
+    """(dataset of (uint8 [256, 256, 3], label) without the bad files, count of bad files so far).
+
+    The count is complete once a pass over the dataset has ended (statistics, embeddings).
+    """
+    with tf.device("/cpu:0"):
+        bad = tf.Variable(tf.zeros([source.num_examples], tf.bool), trainable=False, name="corrupt_files")
+
+    def keep(index, image, ok, label):
+        bad.scatter_nd_update(index[None, None], tf.logical_not(ok)[None])
+        return ok
+
+    indexed = source.records.enumerate().map(lambda index, record: (index, *record))
+    images = load_images(indexed, source.load).filter(keep).map(lambda index, image, ok, label: (image, label))
+    return images, lambda: int(tf.math.count_nonzero(bad))
