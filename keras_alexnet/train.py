@@ -357,7 +357,8 @@ def _check_stuck(stuck_epochs, step, loss, num_classes, config):
 
 def _update_learning_rate(state, base_lr, val_error, config):
     """Section 5: divide the learning rate by 10 when the validation error stops improving."""
-    if val_error < float(state["best_error"].numpy()):
+    val_error = np.float32(val_error)  # As best_error holds it: an equal error is no improvement.
+    if val_error < state["best_error"].numpy():
         state["best_error"].assign(val_error)
         state["bad_epochs"].assign(0)
         return
