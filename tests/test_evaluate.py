@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import checkpoint, data, evaluate, metrics
+from conftest import write_run
+from keras_alexnet import data, evaluate, metrics
 from keras_alexnet.model import build_alexnet
 
 # 7 colours, a channel mask each: with more than 5 classes a label can fall outside the top 5.
@@ -31,10 +32,7 @@ def run_dir(tmp_path_factory):
                 Image.fromarray(pixels).save(root / "data" / split / name / f"{i}.jpg")
     model_kwargs = {"num_classes": len(CLASSES), "init": "glorot"}
     model = build_alexnet(**model_kwargs, seed=1)
-    checkpoint.write_run_files(root / "run", {"model": model_kwargs, "dataset": str(root / "data")},
-                               CLASSES, data.Stats.imagenet())
-    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(42, dtype=tf.int64))
-    tf.train.CheckpointManager(ckpt, root / "run" / checkpoint.CHECKPOINTS, max_to_keep=1).save()
+    write_run(root / "run", model, model_kwargs, CLASSES, step=42, dataset=str(root / "data"))
     return root, model
 
 

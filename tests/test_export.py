@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import write_run
 from keras_alexnet import checkpoint, data, export
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 
@@ -44,10 +45,7 @@ def run_dir(tmp_path_factory, stats):
     """A training run directory at step 7, as train.py leaves it."""
     model_dir = tmp_path_factory.mktemp("run")
     model = build_alexnet(**MODEL)
-    checkpoint.write_run_files(str(model_dir), {"model": MODEL}, CLASSES, stats)
-    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(STEP, dtype=tf.int64))
-    tf.train.CheckpointManager(ckpt, str(model_dir / checkpoint.CHECKPOINTS), max_to_keep=3).save()
-    return model_dir, model
+    return write_run(model_dir, model, MODEL, CLASSES, step=STEP, stats=stats), model
 
 
 @pytest.fixture(scope="module")
