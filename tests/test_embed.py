@@ -100,6 +100,10 @@ def test_embed_writes_aligned_rows_metadata_and_sprite(embedded, image_folder, s
     encoded = tf.constant([(image_folder / f).read_bytes() for f in files])
     direct = tf.saved_model.load(saved_model).signatures["features_images"](image_bytes=encoded)["fc7"]
     np.testing.assert_allclose(fc7, direct.numpy(), rtol=1e-4, atol=1e-4)
+    # And the `features` signature on the centre crops of the same images, decoded here.
+    crops = tf.stack([data.center_crop(data.decode_and_resize((image_folder / f).read_bytes())) for f in files])
+    features = tf.saved_model.load(saved_model).signatures["features"](images=tf.cast(crops, tf.float32))["fc7"]
+    np.testing.assert_allclose(fc7, features.numpy(), rtol=1e-5, atol=1e-5)
     assert np.linalg.norm(fc7[0] - fc7[-1]) > 1e-3  # Different images, different vectors.
     assert Image.open(logdir / embed.SPRITE).size == (4 * 64, 4 * 64)  # ceil(sqrt(12)) = 4 a side.
     config = (logdir / "projector_config.pbtxt").read_text()
