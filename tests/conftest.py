@@ -79,6 +79,19 @@ def write_run(model_dir, model, model_kwargs, class_names, step=7, stats=None, *
     return Path(model_dir)
 
 
+def reference_errors(model, images, labels, mean_image, ten_crop=False):
+    """(top-1, top-5 error) computed with numpy: each image's probabilities are the model's mean over
+    its views (the centre crop, or the 10-crop test, of the image minus the mean image)."""
+    top1 = top5 = 0
+    for image, label in zip(images, labels):
+        centred = tf.cast(image, tf.float32) - mean_image
+        views = data.ten_crop(centred) if ten_crop else data.center_crop(centred)[None]
+        ranking = np.argsort(-model(views, training=False).numpy().mean(0))
+        top1 += ranking[0] != label
+        top5 += label not in ranking[:5]
+    return top1 / len(labels), top5 / len(labels)
+
+
 # ----------------------------------------------------------------------------- bvlc_alexnet as ONNX
 
 SYNSET_WORDS = SHARED_DATA / "imagenet_labels" / "synset_words.txt"

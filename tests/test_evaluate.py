@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import write_run
+from conftest import reference_errors, write_run
 from keras_alexnet import data, evaluate, metrics
 from keras_alexnet.model import build_alexnet
 
@@ -39,18 +39,10 @@ def run_dir(tmp_path_factory):
 def expected_errors(model, val_folder, ten_crop):
     """Top-1/top-5 errors computed with numpy from the model's outputs on each image's views, each
     image labelled by the run's label of its folder's name."""
-    top1 = top5 = n = 0
-    for path in sorted(val_folder.glob("*/*.jpg")):
-        label = CLASSES.index(path.parent.name)
-        image = data.decode_and_resize(path.read_bytes())
-        views = (data.ten_crop if ten_crop else lambda x: data.center_crop(x)[None])(
-            tf.cast(image, tf.float32) - data.Stats.imagenet().mean_image)
-        probabilities = model(views, training=False).numpy().mean(0)
-        ranking = np.argsort(-probabilities)
-        top1 += ranking[0] != label
-        top5 += label not in ranking[:5]
-        n += 1
-    return top1 / n, top5 / n, n
+    paths = sorted(val_folder.glob("*/*.jpg"))
+    images = [data.decode_and_resize(path.read_bytes()) for path in paths]
+    labels = [CLASSES.index(path.parent.name) for path in paths]
+    return (*reference_errors(model, images, labels, data.Stats.imagenet().mean_image, ten_crop), len(paths))
 
 
 def run_evaluate(*args):
