@@ -4,6 +4,7 @@ v <- 0.9 v - 0.0005 eps w - eps dL/dw; w <- w + v, with the learning rate eps di
 validation error stops improving (train.py) after an optional linear warm-up (not in the paper).
 """
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -93,7 +94,8 @@ def make_train_loop(step, step_counter):
 
 def update_learning_rate(state, base_lr, val_error, config):
     """Section 5: divide the learning rate by 10 when the validation error stops improving."""
-    if val_error < float(state["best_error"].numpy()):
+    val_error = np.float32(val_error)  # As best_error holds it: an equal error is no improvement.
+    if val_error < state["best_error"].numpy():
         state["best_error"].assign(val_error)
         state["bad_epochs"].assign(0)
         return

@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_alexnet import checkpoint, preprocess
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(name):
+    """SHARED_DATA / name, or the test skipped, naming what is missing."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"no {path} (the shared data set {name.split('/')[0]})")
+    return path
 
 # Before any op runs: once devices are initialised the split can no longer be made.
 _cpu = tf.config.list_physical_devices("CPU")[0]
@@ -57,9 +67,33 @@ def final_digest():
         assert match, output[-3000:]
         return match.group(1), int(match.group(2))
     return parse
+
+
+def write_run(model_dir, model, model_kwargs, class_names, step=7, stats=None, **config):
+    """A training run directory as train.py leaves it: config.json (`config` and `model`: model_kwargs),
+    labels.txt, stats.npz (ImageNet's by default) and one checkpoint of `model` at `step`."""
+    checkpoint.write_run_files(str(model_dir), {**config, "model": model_kwargs}, class_names,
+                               stats or preprocess.Stats.imagenet())
+    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(step, dtype=tf.int64))
+    tf.train.CheckpointManager(ckpt, str(Path(model_dir) / checkpoint.CHECKPOINTS), max_to_keep=1).save()
+    return Path(model_dir)
+
+
+def reference_errors(model, images, labels, mean_image, ten_crop=False):
+    """(top-1, top-5 error) computed with numpy: each image's probabilities are the model's mean over
+    its views (the centre crop, or the 10-crop test, of the image minus the mean image)."""
+    top1 = top5 = 0
+    for image, label in zip(images, labels):
+        centred = tf.cast(image, tf.float32) - mean_image
+        views = preprocess.ten_crop(centred) if ten_crop else preprocess.center_crop(centred)[None]
+        ranking = np.argsort(-model(views, training=False).numpy().mean(0))
+        top1 += ranking[0] != label
+        top5 += label not in ranking[:5]
+    return top1 / len(labels), top5 / len(labels)
+
+
 # ----------------------------------------------------------------------------- bvlc_alexnet as ONNX
 
-PHOTOS = SHARED_DATA / "skimage_photos"
 SYNSET_WORDS = SHARED_DATA / "imagenet_labels" / "synset_words.txt"
 CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
 
@@ -141,9 +175,8 @@ def caffe_input(crops):
 @pytest.fixture(scope="session")
 def photos():
     """The shared real photos (chelsea, coffee, rocket)."""
-    files = sorted(str(p) for p in PHOTOS.glob("*") if p.suffix in (".png", ".jpg"))
-    if not files:
-        pytest.skip(f"no real photos at {PHOTOS} (the shared skimage_photos data set)")
+    files = sorted(str(p) for p in shared_data("skimage_photos").glob("*") if p.suffix in (".png", ".jpg"))
+    assert files, "the shared skimage_photos data set has no photos"
     return files
 
 

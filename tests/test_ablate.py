@@ -1,12 +1,15 @@
 """The ablation tool: each variant changes exactly one thing, and a tiny run writes its table and plot."""
 import dataclasses
+import json
+import re
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-from keras_alexnet import ablate
+from conftest import reference_errors
+from keras_alexnet import ablate, checkpoint, preprocess, sources, train
 from keras_alexnet.config import Config
 from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.model import build_alexnet
@@ -60,6 +63,11 @@ def test_standard_error_of_an_error_rate():
     assert ablate.standard_error(0.1, 100) == pytest.approx(0.03)
 
 
+def percent(cell):
+    """'12.5%' -> 0.125; '+2.0% (within noise)' -> 0.02."""
+    return float(re.match(r"[+-]?[\d.]+", cell).group()) / 100
+
+
 def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
     markdown = ablate.run_ablation(BASE, ["baseline", "one_tower"], str(tmp_path))  # Each in a child process.
     assert (tmp_path / "ablation.md").read_text() == markdown
@@ -71,3 +79,31 @@ def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
         assert [h["epoch"] for h in history] == [1] and history[0]["validation"]["images"] == 8
     png = np.asarray(Image.open(tmp_path / "curves.png"))
     assert png.shape[0] > 200 and png.shape[1] > 600 and png.std() > 0
+    # The numbers are those of each run's history.jsonl, rounded to 0.1% (img/s to 0.1).
+    last = {name: json.loads((tmp_path / name / train.HISTORY).read_text().splitlines()[-1])
+            for name in ("baseline", "one_tower")}
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[3:-1]] for row in rows}
+    base = last["baseline"]["validation"]["top1_error"]
+    se = np.sqrt(base * (1 - base) / 8)
+    assert f"error near the baseline's is {se:.1%}" in markdown
+    for name, run in last.items():
+        top1, top5, best, gap, speed, verdict = cells[name]
+        val = run["validation"]
+        assert percent(top1) == pytest.approx(val["top1_error"], abs=5e-4)
+        assert percent(top5) == pytest.approx(val["top5_error"], abs=5e-4)
+        assert best == f"{top1} (1)"  # One epoch: the best is the last.
+        assert percent(gap) == pytest.approx(val["top1_error"] - run["train"]["top1_error"], abs=5e-4)
+        assert float(speed) == pytest.approx(run["images_per_second"], abs=0.05)
+        if name == "one_tower":
+            delta = val["top1_error"] - base
+            assert percent(verdict) == pytest.approx(delta, abs=5e-4)
+            assert verdict.endswith("(within noise)") == (abs(delta) < 2 * se)
+    # The 10-crop row: the baseline's final model on the same 8 validation images, by numpy.
+    model, run, _ = checkpoint.restore_model(str(tmp_path / "baseline"))
+    images, _ = sources.decoded_images(sources.load_source(BASE.dataset, "validation", seed=BASE.seed))
+    images, labels = zip(*((image, int(label)) for image, label in images.take(8)))
+    top1, top5 = reference_errors(model, images, labels, preprocess.Stats.load(run.stats_path).mean_image, ten_crop=True)
+    ten_crop = cells["baseline, 10-crop test"]
+    assert percent(ten_crop[0]) == pytest.approx(top1, abs=5e-4)
+    assert percent(ten_crop[1]) == pytest.approx(top5, abs=5e-4)
+    assert percent(ten_crop[-1]) == pytest.approx(top1 - base, abs=5e-4)

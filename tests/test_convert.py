@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SYNSET_WORDS, caffe_input, write_bvlc_onnx
+from conftest import SYNSET_WORDS, caffe_input, shared_data, write_bvlc_onnx
 from keras_alexnet import checkpoint, convert, preprocess
 from keras_alexnet.model import build_alexnet, feature_model
 
@@ -182,9 +182,7 @@ def test_init_from_a_directory_that_is_no_run(tmp_path):
 
 def test_evaluate_a_converted_run_on_an_imagenet_layout(bvlc_run, reference, photos, tmp_path):
     """evaluate's centre-crop errors of the converted run are those of onnxruntime's probabilities."""
-    if not SYNSET_WORDS.exists():
-        pytest.skip(f"no {SYNSET_WORDS} (the shared imagenet_labels)")
-    wnids = [line.split()[0] for line in SYNSET_WORDS.read_text().splitlines()]
+    wnids = [line.split()[0] for line in shared_data("imagenet_labels/synset_words.txt").read_text().splitlines()]
     ranked = np.argsort(-reference[0], axis=1)
     labels = [ranked[0, 0], ranked[1, 3], ranked[2, 50]]  # A top-1 hit, a top-5 hit, a miss.
     (tmp_path / "data" / "train").mkdir(parents=True)

@@ -10,9 +10,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from conftest import shared_data
 from keras_alexnet import data, preprocess, sources, stats as stats_cli, synthetic
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette2_224_subset"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -365,15 +365,16 @@ def test_synthetic_is_deterministic_balanced_and_varied():
     assert np.abs(first[0][0].astype(int) - first[10][0]).mean() > 20
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared Imagenette JPEGs not found at {SHARED}")
 def test_real_jpegs_from_the_shared_folder():
-    train, val = sources.load_source(str(SHARED), "train"), sources.load_source(str(SHARED), "validation")
+    imagenette = shared_data("imagenette2_224_subset")
+    train, val = sources.load_source(str(imagenette), "train"), sources.load_source(str(imagenette), "validation")
     assert (train.num_examples, val.num_examples) == (3000, 1000)
-    assert train.class_names == sorted(p.name for p in (SHARED / "train").iterdir()) and len(train.class_names) == 10
+    assert train.class_names == sorted(p.name for p in (imagenette / "train").iterdir())
+    assert len(train.class_names) == 10
     batch, labels = next(iter(data.eval_pipeline(val, 50, preprocess.Stats.imagenet())))
     assert batch.shape == (50, 227, 227, 3) and -140 < float(tf.reduce_mean(batch)) < 140
     assert float(tf.math.reduce_std(batch)) > 20 and labels.dtype == tf.int32
-    greyscale = sorted((SHARED / "train").rglob("*.JPEG"), key=lambda p: Image.open(p).mode != "L")[0]
+    greyscale = sorted((imagenette / "train").rglob("*.JPEG"), key=lambda p: Image.open(p).mode != "L")[0]
     assert Image.open(greyscale).mode == "L"
     image = preprocess.decode_and_resize(tf.io.read_file(str(greyscale))).numpy()
     assert image.shape == (256, 256, 3) and np.array_equal(image[..., 0], image[..., 2])

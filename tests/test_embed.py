@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageFont
 
-from keras_alexnet import checkpoint, cli, embed, filters, neighbors, preprocess
+from conftest import write_run
+from keras_alexnet import cli, embed, filters, neighbors, preprocess
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet
 
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skimage_photos"
 CLASSES = ("circles", "stripes", "noise")
+LABELS = [f"class{i}" for i in range(10)]  # The model's 10 classes.
 TENSORBOARD = Path(sys.executable).with_name("tensorboard")
 
 
@@ -37,7 +37,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def saved_model(model, tmp_path_factory):
-    return export_saved_model(model, [f"class{i}" for i in range(10)], preprocess.Stats.imagenet(),
+    return export_saved_model(model, LABELS, preprocess.Stats.imagenet(),
                               str(tmp_path_factory.mktemp("export")), 1)
 
 
@@ -100,6 +100,10 @@ def test_embed_writes_aligned_rows_metadata_and_sprite(embedded, image_folder, s
     encoded = tf.constant([(image_folder / f).read_bytes() for f in files])
     direct = tf.saved_model.load(saved_model).signatures["features_images"](image_bytes=encoded)["fc7"]
     np.testing.assert_allclose(fc7, direct.numpy(), rtol=1e-4, atol=1e-4)
+    # And the `features` signature on the centre crops of the same images, decoded here.
+    crops = tf.stack([preprocess.center_crop(preprocess.decode_and_resize((image_folder / f).read_bytes())) for f in files])
+    features = tf.saved_model.load(saved_model).signatures["features"](images=tf.cast(crops, tf.float32))["fc7"]
+    np.testing.assert_allclose(fc7, features.numpy(), rtol=1e-5, atol=1e-5)
     assert np.linalg.norm(fc7[0] - fc7[-1]) > 1e-3  # Different images, different vectors.
     assert Image.open(logdir / embed.SPRITE).size == (4 * 64, 4 * 64)  # ceil(sqrt(12)) = 4 a side.
     config = (logdir / "projector_config.pbtxt").read_text()
@@ -136,14 +140,12 @@ def test_embed_a_dataset_split(saved_model, tmp_path):
     assert checkpointed_fc7(tmp_path).shape == (3, 4096)
 
 
-def test_embed_real_photos_flat_folder(saved_model, tmp_path):
-    if not PHOTOS.is_dir():
-        pytest.skip(f"no real photos at {PHOTOS}")
-    photos = sorted(p.name for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
-    rows, skipped = embed.run(saved_model, str(tmp_path), images=str(PHOTOS))
+def test_embed_real_photos_flat_folder(saved_model, photos, tmp_path):
+    folder = Path(photos[0]).parent
+    rows, skipped = embed.run(saved_model, str(tmp_path), images=str(folder))
     _, metadata = read_metadata(tmp_path)
     assert (rows, skipped) == (len(photos), 0)
-    assert metadata == [[p, "skimage_photos"] for p in photos]
+    assert metadata == [[Path(p).name, "skimage_photos"] for p in photos]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -202,7 +204,7 @@ def test_neighbours_refuse_an_index_made_by_another_export(embedded, model, save
         "saved_model": os.path.abspath(saved_model), "fingerprint": embed.fingerprint(saved_model)}
     stats = preprocess.Stats.imagenet()
     stats.mean_image = stats.mean_image + 1  # Another export: other outputs for the same images.
-    other = export_saved_model(model, [f"class{i}" for i in range(10)], stats, str(tmp_path / "other"), 2)
+    other = export_saved_model(model, LABELS, stats, str(tmp_path / "other"), 2)
     assert embed.fingerprint(other) != embed.fingerprint(saved_model)
     with pytest.raises(ValueError, match=f"embedded by {saved_model} .*not by --saved_model {other}"):
         neighbors.run(other, str(logdir), str(image_folder / "stripes"), output_dir=str(tmp_path / "out"))
@@ -264,13 +266,6 @@ def test_nearest_is_exact_euclidean():
     np.testing.assert_allclose(distances, [[0, math.sqrt(20)], [0.2, 0.8]], atol=1e-12)
 
 
-def write_run(model_dir, model):
-    checkpoint.write_run_files(str(model_dir), {"model": {"num_classes": 10, "seed": 0, "init": "glorot"}},
-                               [f"class{i}" for i in range(10)], preprocess.Stats.imagenet())
-    tf.train.Checkpoint(model=model, step=tf.Variable(7, dtype=tf.int64)).save(
-        str(model_dir / checkpoint.CHECKPOINTS / "ckpt"))
-
-
 def test_filters_grid_puts_tower_b_below(tmp_path):
     model = build_model()
     rng = np.random.default_rng(0)
@@ -279,7 +274,7 @@ def test_filters_grid_puts_tower_b_below(tmp_path):
     red[:, :, 0, :] = np.linspace(0, 1, 11)[None, :, None]  # Pure red, brightening left to right.
     model.get_layer("conv1_a").layer.kernel.assign(grey)
     model.get_layer("conv1_b").layer.kernel.assign(red)
-    write_run(tmp_path / "run", model)
+    write_run(tmp_path / "run", model, {"num_classes": 10, "seed": 0, "init": "glorot"}, LABELS)
     saturations = filters.run(str(tmp_path / "filters.png"), model_dir=str(tmp_path / "run"))
     assert saturations["A"] == pytest.approx(0, abs=1e-6)
     assert saturations["B"] == pytest.approx(0.5)
@@ -317,19 +312,13 @@ def test_filters_from_a_one_tower_export(tmp_path):
     assert saturations == {"A": pytest.approx(filters.saturation(expected[0]))}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url):
     with urllib.request.urlopen(url, timeout=30) as response:
         return response.read()
 
 
 @pytest.mark.skipif(not TENSORBOARD.exists(), reason="no tensorboard executable beside python")
-def test_tensorboard_serves_the_projector(embedded):
+def test_tensorboard_serves_the_projector(embedded, free_port):
     logdir, _, _ = embedded
     port = free_port()
     base = f"http://127.0.0.1:{port}/data/plugin/projector"

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import write_run
 from keras_alexnet import checkpoint, data, export, preprocess, sources
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 
@@ -44,10 +45,7 @@ def run_dir(tmp_path_factory, stats):
     """A training run directory at step 7, as train.py leaves it."""
     model_dir = tmp_path_factory.mktemp("run")
     model = build_alexnet(**MODEL)
-    checkpoint.write_run_files(str(model_dir), {"model": MODEL}, CLASSES, stats)
-    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(STEP, dtype=tf.int64))
-    tf.train.CheckpointManager(ckpt, str(model_dir / checkpoint.CHECKPOINTS), max_to_keep=3).save()
-    return model_dir, model
+    return write_run(model_dir, model, MODEL, CLASSES, step=STEP, stats=stats), model
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +159,14 @@ def test_loads_and_matches_keras_without_keras_alexnet(exported, keras_model, st
                      str(tmp_path / "out.npz"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "custom gradient" not in result.stderr.lower()
-    outputs = np.load(tmp_path / "out.npz")
+    outputs = np.load(tmp_path / "out.npz", allow_pickle=True)  # top5_labels: bytes objects.
     probabilities, fc7 = keras_outputs(keras_model, stats, files)
     for source in ("serving_default", "predict_images"):
         assert relative_difference(outputs[f"{source}/probabilities"], probabilities) < 1e-5
         assert outputs[f"{source}/top5_classes"].dtype == np.int32
+        top5 = np.argsort(-outputs[f"{source}/probabilities"], axis=1)[:, :5]  # Most probable first.
+        np.testing.assert_array_equal(outputs[f"{source}/top5_classes"], top5)
+        assert outputs[f"{source}/top5_labels"].tolist() == [[CLASSES[i].encode() for i in row] for row in top5]
     for source in ("features", "features_images"):
         assert relative_difference(outputs[f"{source}/fc7"], fc7) < 1e-5
         assert fc7.min() >= 0  # Post-ReLU.
@@ -245,8 +246,10 @@ def test_warmup_requests_parse_as_tf_serving_prediction_logs(exported, loaded):
 
 def test_fewer_than_five_classes_give_that_many_top_classes(stats):
     module = export.serving_module(build_alexnet(3, seed=0, init="glorot"), ["a", "b", "c"], stats)
-    outputs = module.serving_default(images=tf.fill((2, 227, 227, 3), 128.0))
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 227, 227, 3)), tf.float32)
+    outputs = module.serving_default(images=images)
     assert outputs["top5_classes"].shape == (2, 3) and outputs["top5_labels"].shape == (2, 3)
+    np.testing.assert_array_equal(outputs["top5_classes"], np.argsort(-outputs["probabilities"].numpy(), axis=1))
     with pytest.raises(ValueError, match="2 class names for a model of 3 classes"):
         export.serving_module(build_alexnet(3, seed=0), ["a", "b"], stats)
 

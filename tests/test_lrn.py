@@ -1,5 +1,6 @@
 """The custom-gradient LRN against tf.nn.local_response_normalization and numerical gradients."""
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -81,14 +82,37 @@ def test_works_inside_xla():
 def test_half_precision_is_computed_in_float32(dtype, tolerance):
     x = tf.random.uniform((2, 9, 9, 16), 0, 30)
     half = tf.cast(x, dtype)
-    with tf.GradientTape() as tape:
-        tape.watch(half)
-        y = local_response_normalization(half)
-    grad = tape.gradient(y, half)
+    upstream = tf.cast(tf.random.normal(x.shape), dtype)
+
+    @tf.function
+    def forward_backward(half, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(half)
+            y = local_response_normalization(half)
+        return y, tape.gradient(y, half, output_gradients=upstream)
+
+    y, grad = forward_backward(half, upstream)
     assert y.dtype == dtype and grad.dtype == dtype
     want = builtin(tf.cast(half, tf.float32), 2, 2.0, 1e-4, 0.75)
     assert relative_error(tf.cast(y, tf.float32), want) < tolerance
     assert bool(tf.reduce_all(tf.math.is_finite(tf.cast(grad, tf.float32))))
+    # Every op of the traced forward and backward pass computes in float32: the half type only
+    # comes in and goes out through casts.
+    ops = forward_backward.get_concrete_function(half, upstream).graph.get_operations()
+    in_half = {op.type for op in ops if any(t.dtype == dtype for t in [*op.inputs, *op.outputs])}
+    assert in_half <= {"Placeholder", "Cast", "Identity", "IdentityN"}, in_half
+    assert {op.type for op in ops if op.type in ("MatMul", "Rsqrt", "Square")} == {"MatMul", "Rsqrt", "Square"}
+    # Then each value is the float32 one rounded once: within half an ulp of the half type (and
+    # float32's own noise between the traced and the eager computation).
+    precision = float(ml_dtypes.finfo(dtype.as_numpy_dtype).eps) / 2 + 1e-6
+    with tf.GradientTape() as tape:
+        x32 = tf.cast(half, tf.float32)
+        tape.watch(x32)
+        y32 = local_response_normalization(x32)
+    grad32 = tape.gradient(y32, x32, output_gradients=tf.cast(upstream, tf.float32))
+    tiny = float(ml_dtypes.finfo(dtype.as_numpy_dtype).smallest_subnormal)
+    for got, expected in [(y, y32), (grad, grad32)]:
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected.numpy(), rtol=precision, atol=tiny)
 
 
 def test_layer_config_round_trip_and_keras_file(tmp_path):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras_alexnet import distribute, train
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet
-from keras_alexnet.step import make_train_step
+from keras_alexnet.step import WarmupThenPlateau, make_train_step, update_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,3 +256,79 @@ def test_data_that_cannot_train_is_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(ValueError, match=re.escape(message)):
         tiny_run(tmp_path / "run", dataset, logical_cpus, batch_size=batch_size)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------- learning rate
+
+def plateau_state():
+    """The loop state train() checkpoints, at its start values."""
+    return {name: tf.Variable(value, trainable=False, name=name) for name, value in
+            [("step", tf.constant(0, tf.int64)), ("epoch", tf.constant(0, tf.int64)), ("best_error", 1.0),
+             ("bad_epochs", 0), ("lr_drops", 0), ("stuck_epochs", 0)]}
+
+
+def test_plateau_rule_divides_by_10_after_patience_up_to_the_limit():
+    """Section 5: lr /= 10 after --lr_patience epochs without a lower validation error, at most
+    --max_lr_drops times; an equal error is no improvement."""
+    state, base_lr = plateau_state(), tf.Variable(0.01)
+    config = Config(lr_patience=2, max_lr_drops=2)
+    # validation error, then (learning rate, best error, bad epochs, drops) after the epoch
+    epochs = [(0.9, 1e-2, 0.9, 0, 0), (0.8, 1e-2, 0.8, 0, 0), (0.85, 1e-2, 0.8, 1, 0), (0.8, 1e-3, 0.8, 0, 1),
+              (0.7, 1e-3, 0.7, 0, 1), (0.75, 1e-3, 0.7, 1, 1), (0.75, 1e-4, 0.7, 0, 2),
+              (0.75, 1e-4, 0.7, 1, 2), (0.75, 1e-4, 0.7, 2, 2), (0.75, 1e-4, 0.7, 3, 2), (0.6, 1e-4, 0.6, 0, 2)]
+    for error, lr, best, bad, drops in epochs:
+        update_learning_rate(state, base_lr, error, config)
+        got = (float(base_lr.numpy()), float(state["best_error"].numpy()), int(state["bad_epochs"].numpy()),
+               int(state["lr_drops"].numpy()))
+        assert got == pytest.approx((lr, best, bad, drops)), error
+
+
+def test_warmup_ramps_linearly_then_follows_base_lr():
+    """The schedule the optimizer sees: lr * (step + 1) / warmup over the warm-up, then base_lr,
+    whose drops by the plateau rule show through; checked by the SGD updates it makes."""
+    base_lr = tf.Variable(0.01, trainable=False)
+    schedule = WarmupThenPlateau(base_lr, 4)
+    assert [float(schedule(step)) for step in range(6)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert schedule.get_config() == {"warmup_steps": 4}
+    weight = tf.Variable([0.0])
+    optimizer = keras.optimizers.SGD(schedule, momentum=0.0)
+    updates = []
+    for step in range(7):
+        if step == 5:
+            base_lr.assign(base_lr / 10)  # As update_learning_rate does after an epoch.
+        before = weight.numpy()[0]
+        optimizer.apply_gradients([(tf.constant([1.0]), weight)])
+        updates.append(before - weight.numpy()[0])
+    assert updates == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.001, 0.001], rel=1e-5)
+    no_warmup = WarmupThenPlateau(base_lr, 0)
+    base_lr.assign(0.5)
+    assert float(no_warmup(0)) == float(no_warmup(1000)) == 0.5
+
+
+def test_a_resumed_run_keeps_the_plateau_state(tmp_path, logical_cpus, monkeypatch):
+    """best_error, bad_epochs, lr_drops and base_lr are in the checkpoint: a resumed run goes on from them."""
+    update, seen = train.update_learning_rate, []
+
+    def force(state, base_lr, val_error, config):  # Run 1: leave values no fresh run starts with.
+        update(state, base_lr, val_error, config)
+        state["best_error"].assign(0.0)  # No error is lower: the next epoch is a bad one.
+        state["bad_epochs"].assign(1)
+        state["lr_drops"].assign(2)
+        base_lr.assign(0.0042)
+
+    def record(state, base_lr, val_error, config):  # Run 2: what it resumed with.
+        seen.append({"base_lr": float(base_lr.numpy()), "step": int(state["step"].numpy()),
+                     **{k: float(state[k].numpy()) for k in ("best_error", "bad_epochs", "lr_drops")}})
+        update(state, base_lr, val_error, config)
+
+    monkeypatch.setattr(train, "update_learning_rate", force)
+    tiny_run(tmp_path, "synthetic", logical_cpus, epochs=1)
+    monkeypatch.setattr(train, "update_learning_rate", record)
+    tiny_run(tmp_path, "synthetic", logical_cpus, epochs=2)
+    assert seen == [{"base_lr": pytest.approx(0.0042), "step": 2, "best_error": 0.0, "bad_epochs": 1,
+                     "lr_drops": 2}]
+    # Its second bad epoch reaches the patience of 2: the third drop, saved at the epoch's end.
+    saved = tf.train.load_checkpoint(tf.train.latest_checkpoint(tmp_path / "checkpoints"))
+    value = {name: saved.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+             for name in ("base_lr", "best_error", "bad_epochs", "lr_drops", "step")}
+    assert value == {"base_lr": pytest.approx(0.00042), "best_error": 0.0, "bad_epochs": 0, "lr_drops": 3, "step": 2}
