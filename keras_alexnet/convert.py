@@ -24,13 +24,12 @@ weight shapes, strides, pads and groups), not by node names; anything else fails
 """
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, preprocess
+from keras_alexnet import checkpoint, cli, preprocess
 from keras_alexnet.model import build_alexnet
 
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # bvlc_alexnet's ilsvrc_2012_mean.npy averaged per channel.
@@ -211,18 +210,17 @@ def define_flags():
                         "Per-channel mean B,G,R that the ONNX model expects subtracted.")
 
 
+@cli.reports_errors()
 def main(argv):
+    if len(argv) > 1:
+        raise ConversionError(f"unexpected arguments {' '.join(argv[1:])}")
+    if not FLAGS.onnx or not FLAGS.model_dir:
+        raise ConversionError("--onnx and --model_dir are required")
+    mean = parse_mean(FLAGS.mean)
     try:
-        if len(argv) > 1:
-            raise ConversionError(f"unexpected arguments {' '.join(argv[1:])}")
-        if not FLAGS.onnx or not FLAGS.model_dir:
-            raise ConversionError("--onnx and --model_dir are required")
-        mean = parse_mean(FLAGS.mean)
         model = convert(FLAGS.onnx, FLAGS.model_dir, FLAGS.labels, mean)
     except ImportError as error:
-        sys.exit(f"error: {error.name} is not installed: pip install 'keras_alexnet[onnx]'")
-    except (ValueError, OSError, tf.errors.OpError) as error:
-        sys.exit("error: " + " ".join(str(error).split()))
+        raise ConversionError(f"{error.name} is not installed: pip install 'keras_alexnet[onnx]'") from None
     print(f"converted {FLAGS.onnx} ({model.output.shape[-1]} classes) into {FLAGS.model_dir}")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, embed
+from keras_alexnet import checkpoint, cli, embed
 
 SIGNATURE = "predict_images"
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -183,11 +183,9 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 32, "Images per call of the signature.")
 
 
+@cli.reports_errors()
 def main(argv):
-    try:
-        run(FLAGS.saved_model, argv[1:], FLAGS.top_k, FLAGS.ten_crop, FLAGS.output, FLAGS.batch_size)
-    except embed.ERRORS as error:
-        embed.fail(error)
+    run(FLAGS.saved_model, argv[1:], FLAGS.top_k, FLAGS.ten_crop, FLAGS.output, FLAGS.batch_size)
 
 
 if __name__ == "__main__":
