@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) -m keras_alexnet.bench
+	$(PY) benchmarks/bench.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -160,7 +160,8 @@ def resize_and_crop(image, size=IMAGE_SIZE):
     scaled = tf.maximum(tf.cast(tf.round(shape * size / tf.reduce_min(shape)), tf.int32), size)
     image = tf.image.resize(image, scaled, method="bilinear", antialias=True)
     image = center_crop(image, size)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    # Static shape too: cached images must have a known shape (eval_pipeline's padding images).
+    return tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), [size, size, 3])
 
 
 def center_crop(images, size=CROP_SIZE):

@@ -293,6 +293,15 @@ def test_folder_source_skips_and_counts_corrupt_files(image_folder):
     assert grey and np.array_equal(grey[0][..., 0], grey[0][..., 2])  # cat/img1: a greyscale JPEG.
 
 
+def test_eval_pipeline_of_a_folder_in_the_memory_cache(image_folder):
+    """Decoded folder images, cached, pad the last batch as the files do (train --cache=memory)."""
+    source = sources.load_source(str(image_folder[0]), "train", val_fraction=0.0)
+    stats = preprocess.Stats.imagenet()
+    plain, cached = (collect(data.eval_pipeline(source, 5, stats, cache=cache)) for cache in (None, "memory"))
+    np.testing.assert_array_equal(cached[0], plain[0])
+    np.testing.assert_array_equal(cached[1], plain[1])
+
+
 def test_folder_hold_out_split_is_deterministic(image_folder, tmp_path):
     root, good, _ = image_folder
     digests = lambda split, seed: {x.tobytes() for x, _ in sources.decoded_images(sources.load_source(

@@ -1,0 +1,377 @@
+"""benchmarks/bench.py (`make bench`): one markdown table, ours beside a reference per row.
+
+Every row is measured in this one process, ours and the reference in alternating rounds, so compare
+ratios, not absolute figures across runs or machines. Every timed function is built once and called
+before it is timed (tracing, XLA compilation and kernel caches stay out of the figures). Each bench_*
+function appends rows {what, ours, reference, ratio, unit}.
+
+    python benchmarks/bench.py [--data DIR] [--only lrn,training,pipeline,loop,export]
+
+--data (default $ALEXNET_DATA, else ../shared/data beside the repository) holds
+imagenette2_224_subset; the rows that need it are skipped, one printed line each, where it is absent.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_alexnet import data, distribute, export, lrn, preprocess, sources, train
+from keras_alexnet.config import Config
+from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
+from keras_alexnet.step import make_train_loop, make_train_step
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+IMAGENETTE = "imagenette2_224_subset"
+GFLOP_PER_IMAGE = 4.35  # Forward and backward pass of one training image.
+
+
+def _images_per_second(call, batch_size, seconds=1.5, min_calls=2):
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < seconds:
+        call()
+        calls += 1
+    return batch_size * calls / (time.perf_counter() - start)
+
+
+def _row(what, ours, reference, batch_size, rounds=3):
+    """Best-of-`rounds` images/s of two calls measured in turn, so that a busy machine hurts both alike."""
+    ours(), reference(), ours(), reference()  # Warm-up: tracing, compilation, kernel caches.
+    rates = [(_images_per_second(ours, batch_size), _images_per_second(reference, batch_size))
+             for _ in range(rounds)]
+    ours, reference = max(r[0] for r in rates), max(r[1] for r in rates)
+    return {"what": what, "ours": round(ours, 1), "reference": round(reference, 1),
+            "ratio": round(ours / reference, 2), "unit": "img/s"}
+
+
+def _imagenette(data_dir, split, rows_name):
+    """The Imagenette split folder under `data_dir`, or None (after one printed line) if absent."""
+    folder = Path(data_dir) / IMAGENETTE / split if split else Path(data_dir) / IMAGENETTE
+    if not folder.is_dir():
+        print(f"skipped the {rows_name}: {folder} not found (--data or $ALEXNET_DATA)")
+        return None
+    return folder
+
+
+# ----------------------------------------------------------------------------------------- LRN
+
+def bench_lrn(rows, data_dir, shape=(128, 55, 55, 96)):
+    """Forward + backward of our LRN against tf.nn.local_response_normalization at conv1's shape.
+
+    Milliseconds per call; ratio = ours / built-in time (target: <= 1.0 with XLA, <= 1.2 without).
+    """
+    x = tf.random.uniform(shape, 0, 30)
+    for jit in (False, True):
+        def fwd_bwd(function):
+            @tf.function(jit_compile=jit)
+            def call(x):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = function(x)
+                return tape.gradient(y, x, output_gradients=x)
+            return lambda: call(x).numpy()
+
+        # _row measures calls/s x "batch size"; at 1e6 that is 1e6 / seconds per call = 1e3 / ms per call.
+        row = _row("", fwd_bwd(lrn.local_response_normalization), fwd_bwd(_builtin_lrn), 10**6)
+        ours, builtin = 10**9 / row["ours"], 10**9 / row["reference"]
+        rows.append({"what": f"LRN forward+backward {list(shape)}{', XLA' if jit else ''}: ours vs "
+                             "tf.nn.local_response_normalization", "ours": round(ours, 1),
+                     "reference": round(builtin, 1), "ratio": round(ours / builtin, 2),
+                     "unit": "ms (lower is better)"})
+
+
+def _builtin_lrn(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75):
+    return tf.nn.local_response_normalization(x, depth_radius, bias, alpha, beta)
+
+
+class BuiltinLRN(lrn.LocalResponseNormalization):
+    """The paper's LRN layer computed by tf.nn.local_response_normalization (autodiff gradient)."""
+
+    def call(self, inputs):
+        return _builtin_lrn(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+def _single_tower_reference(num_classes):
+    """A plain single-tower Keras AlexNet: Conv2D(groups=2) for the towers, the built-in LRN."""
+    layers = keras.layers
+    x = inputs = keras.Input(INPUT_SHAPE)
+    x = layers.MaxPooling2D(3, 2)(BuiltinLRN()(layers.Conv2D(96, 11, 4, activation="relu")(x)))
+    x = layers.MaxPooling2D(3, 2)(BuiltinLRN()(layers.Conv2D(256, 5, padding="same", groups=2, activation="relu")(x)))
+    x = layers.Conv2D(384, 3, padding="same", activation="relu")(x)
+    x = layers.Conv2D(384, 3, padding="same", groups=2, activation="relu")(x)
+    x = layers.MaxPooling2D(3, 2)(layers.Conv2D(256, 3, padding="same", groups=2, activation="relu")(x))
+    x = layers.Flatten()(x)
+    for _ in range(2):
+        x = layers.Dropout(0.5)(layers.Dense(4096, activation="relu")(x))
+    return keras.Model(inputs, layers.Dense(num_classes, activation="softmax")(x))
+
+
+def _with_builtin_lrn(model):
+    """A copy of a build_alexnet model (new weights) whose LRN layers use the tf.nn op."""
+    def clone(layer):
+        if isinstance(layer, OnTower) and type(layer.layer) is lrn.LocalResponseNormalization:
+            return OnTower(BuiltinLRN.from_config(layer.layer.get_config()), layer.tower, layer.tower_devices)
+        return layer.__class__.from_config(layer.get_config())
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def _tape_step(model, jit):
+    """A plain GradientTape SGD step (momentum 0.9): the reference's training step, built once."""
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True)))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+    return lambda images, labels: step(images, labels).numpy()
+
+
+def _new_strategy(devices):
+    # Strategies of one process must not share collective group keys (as TensorFlow's own tests).
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _our_step(plan, batch_size, num_classes=1000, jit=False, builtin_lrn=False):
+    """Our training step (make_train_step) on the replicas of `plan` ({replica: [tower A, tower B]}),
+    optionally with the LRN layers swapped for the tf.nn op: a call (images, labels) -> loss, with
+    its tf.function as `.step` and its strategy as `.strategy`."""
+    strategy = _new_strategy(list(plan))
+    with strategy.scope():
+        model = build_alexnet(num_classes, tower_devices=plan, seed=0)
+        if builtin_lrn:
+            model = _with_builtin_lrn(model)
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+    step = make_train_step(strategy, model, optimizer, Config(batch_size=batch_size, jit_compile=jit))
+
+    def call(images, labels):
+        return step(images, labels)[0].numpy()
+    call.step, call.strategy = step, strategy
+    return call
+
+
+def _matmul_ceiling():
+    """float32 GFLOP/s of a 4096^2 matmul: divided by GFLOP_PER_IMAGE, the training img/s ceiling."""
+    a = tf.random.normal([4096, 4096])
+    matmul = tf.function(lambda: tf.matmul(a, a))
+    matmul().numpy()  # Traces.
+    rate = max(_images_per_second(lambda: matmul().numpy(), 1, seconds=3) for _ in range(2))
+    return rate * 2 * 4096 ** 3 / 1e9
+
+
+def bench_training(rows, data_dir, batch_size=128):
+    """Training images/s: our two-tower model and step against plain Keras references."""
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    batch = (tf.random.normal([batch_size, *INPUT_SHAPE], stddev=50.0),
+             tf.random.uniform([batch_size], 0, 1000, tf.int32))
+    prefix = f"training, batch {batch_size}"
+    for jit in (False, True):
+        ours, reference = _tape_step(build_alexnet(1000, seed=0), jit), _tape_step(_single_tower_reference(1000), jit)
+        rows.append(_row(f"{prefix}{', XLA' if jit else ''}, plain GradientTape step of each: two towers (ours) vs "
+                         "single tower with Conv2D(groups=2) + tf.nn LRN", lambda: ours(*batch),
+                         lambda: reference(*batch), batch_size))
+    ours = reference = None  # Frees the models (about 1 GB each with their optimizers).
+    one_device = {cpus[0]: [cpus[0], cpus[0]]}
+    ours, plain = _our_step(one_device, batch_size), _tape_step(build_alexnet(1000, seed=0), False)
+    rows.append(_row(f"{prefix}: our step (MirroredStrategy, tf.gradients, weight decay) vs a plain "
+                     "GradientTape step of the same model", lambda: ours(*batch), lambda: plain(*batch), batch_size))
+    plain = None
+    builtin = _our_step(one_device, batch_size, builtin_lrn=True)
+    rows.append(_row(f"{prefix}: our LRN vs tf.nn LRN in the same two-tower model and step",
+                     lambda: ours(*batch), lambda: builtin(*batch), batch_size))
+    builtin = None
+    split = _our_step({cpus[0]: cpus[:2]}, batch_size)
+    rows.append(_row(f"{prefix}: towers on 2 logical CPUs vs both towers on one", lambda: split(*batch),
+                     lambda: ours(*batch), batch_size))
+    ours = None
+    replicas = _our_step({cpus[0]: cpus[0:4:2], cpus[1]: cpus[1:4:2]}, batch_size)
+    rows.append(_row(f"{prefix}: 2 replicas x 2 towers vs 1 replica x 2 towers, 4 logical CPUs on the same "
+                     "cores (the ratio is the overhead)", lambda: replicas(*batch), lambda: split(*batch),
+                     batch_size))
+    replicas = split = None
+    best = max(row["ours"] for row in rows if row["what"].startswith(prefix) and "XLA" not in row["what"])
+    gflops = _matmul_ceiling()
+    ceiling = gflops / GFLOP_PER_IMAGE
+    rows.append({"what": f"training (best row above) vs the float32 ceiling ({gflops:.0f} GFLOP/s 4096^2 "
+                         f"matmul / {GFLOP_PER_IMAGE} GFLOP per image)", "ours": best,
+                 "reference": round(ceiling, 1), "ratio": round(best / ceiling, 2), "unit": "img/s"})
+
+
+def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
+    """The whole training loop (train.train on Imagenette held in memory) against its bare step.
+
+    The loop's img/s is what its progress line reports: the steps of the epoch after the first loop
+    (which traces), with the input pipeline, the host's reads and the summaries, without the
+    epoch-end validation and checkpoint. The bare step is the same model (10 classes), step and
+    device plan on one fixed batch, timed just before and after each loop run (the better of the
+    two is the reference). Target: ratio >= 0.95. Those two rows do not alternate, so a machine whose
+    load changes skews them; a third row does: `make_train_loop` fed by the training pipeline
+    (640 Imagenette images from the memory cache), `loop_steps` steps a call, against as many bare steps.
+    """
+    folder = _imagenette(data_dir, None, "loop rows")
+    if folder is None:
+        return
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    plan = {cpus[0]: cpus[:2]}
+    batch = (tf.random.normal([batch_size, *INPUT_SHAPE], stddev=50.0), tf.random.uniform([batch_size], 0, 10, tf.int32))
+    bare = _our_step(plan, batch_size, num_classes=10)
+    bare(*batch)  # Traces.
+
+    def bare_speed():
+        return _images_per_second(lambda: bare(*batch), batch_size, seconds=8)
+
+    before = bare_speed()
+    for loop in (1, 10):
+        with tempfile.TemporaryDirectory() as model_dir:
+            config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
+                            eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
+            train.train(config, _new_strategy(list(plan)), plan)
+            with open(os.path.join(model_dir, train.HISTORY)) as f:
+                speed = [json.loads(line) for line in f][-1]["images_per_second"]
+        after = bare_speed()
+        reference, before = max(before, after), after
+        rows.append({"what": f"training loop, batch {batch_size}, --steps_per_loop={loop} ({IMAGENETTE} in memory) "
+                             "vs its bare step on a fixed batch", "ours": round(speed, 1),
+                     "reference": round(reference, 1), "ratio": round(speed / reference, 2), "unit": "img/s"})
+    full = sources.load_source(str(folder), "train")
+    source = sources.Source(full.records.take(640), full.load, full.class_names, 640)
+    iterator = iter(bare.strategy.distribute_datasets_from_function(lambda context: data.train_pipeline(
+        source, batch_size, preprocess.Stats.imagenet(), cache="memory", input_context=context).repeat()))
+    loop = make_train_loop(bare.step, tf.Variable(0, dtype=tf.int64))
+    rows.append(_row(f"make_train_loop, batch {batch_size}, {loop_steps} steps a call on the training "
+                     "pipeline (640 images in memory) vs as many bare steps, alternating",
+                     lambda: loop(iterator, tf.constant(loop_steps)).numpy(),
+                     lambda: [bare(*batch) for _ in range(loop_steps)], batch_size * loop_steps, rounds=2))
+
+
+# ----------------------------------------------------------------------------------------- data and serving
+
+def bench_input_pipeline(rows, data_dir):
+    """Training-pipeline throughput (section 4.1 augmentation, batch 50) on 1,000 Imagenette JPEGs.
+
+    One pass decoding every JPEG (no cache), then a pass reading the decoded images from
+    cache="memory" (after a pass that filled it). Both include the shuffle buffer's filling. Rows in
+    images/s and images/s per core, against the best training row's img/s if bench_training ran
+    (else reference and ratio are None).
+    """
+    folder = _imagenette(data_dir, "train", "input pipeline rows")
+    if folder is None:
+        return
+    count, batch_size = 1000, 50
+    full = sources.load_source(str(folder), "train", val_fraction=0.0)
+    source = sources.Source(full.records.take(count), full.load, full.class_names, count)
+    stats, cores = preprocess.Stats.imagenet(), len(os.sched_getaffinity(0))
+    reference = next((r["ours"] for r in rows if r["what"].startswith("training (best row above)")), None)
+
+    def one_pass(cache):
+        batches = data.train_pipeline(source, batch_size, stats, cache=cache).take(count // batch_size)
+        start = time.perf_counter()
+        for _ in batches:
+            pass
+        return count / (time.perf_counter() - start)
+
+    one_pass("memory")  # Fills the cache.
+    for what, speed in [("decode every JPEG", one_pass(None)), ('cache="memory", second pass', one_pass("memory"))]:
+        for suffix, ours in [("", speed), (f" per core ({cores} cores)", speed / cores)]:
+            ref = reference and reference / (cores if suffix else 1)
+            rows.append({"what": f"train_pipeline images/s{suffix}, {what}", "ours": round(ours, 1),
+                         "reference": ref and round(ref, 1), "ratio": ref and round(ours / ref, 2),
+                         "unit": "img/s" + ("/core" if suffix else "")})
+
+
+def bench_export(rows, data_dir):
+    """The exported SavedModel (1000 classes) against the Keras model's predict_on_batch.
+
+    serving_default at batch 1 and 64 (mean subtraction, top-5 and labels included in ours), and
+    predict_images on 64 real JPEGs against decode_and_resize + centre crop + Keras in eager.
+    """
+    model = build_alexnet(1000, seed=0)
+    stats = preprocess.Stats.imagenet()
+    mean = preprocess.center_crop(tf.constant(stats.mean_image))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.export_saved_model(model, [str(i) for i in range(1000)], stats, tmp, 1)
+        signatures = tf.saved_model.load(path).signatures
+    predict, predict_images = signatures["serving_default"], signatures["predict_images"]
+    pixels = tf.constant(np.random.default_rng(0).uniform(0, 255, (64, *INPUT_SHAPE)).astype(np.float32))
+    for batch_size in (1, 64):
+        images = pixels[:batch_size]
+        centred = images - mean
+        rows.append(_row(f"SavedModel serving_default vs Keras predict_on_batch, batch {batch_size}",
+                         lambda: predict(images=images)["probabilities"].numpy(),
+                         lambda: model.predict_on_batch(centred), batch_size))
+
+    folder = _imagenette(data_dir, "val", "predict_images row")
+    jpegs = sorted(folder.glob("*/*.JPEG"))[::15][:64] if folder else []
+    if len(jpegs) < 64:
+        if folder:
+            print(f"skipped the predict_images row: fewer than 64 JPEGs under {folder}")
+        return
+    encoded = tf.constant([p.read_bytes() for p in jpegs])
+
+    def keras_on_bytes():
+        crops = preprocess.center_crop(tf.stack([preprocess.decode_and_resize(e) for e in encoded]))
+        return model.predict_on_batch(tf.cast(crops, tf.float32) - mean)
+
+    rows.append(_row("SavedModel predict_images (64 Imagenette JPEGs) vs eager decode + Keras",
+                     lambda: predict_images(image_bytes=encoded)["probabilities"].numpy(), keras_on_bytes,
+                     len(jpegs)))
+
+
+# ----------------------------------------------------------------------------------------- the table
+
+BENCHES = {"lrn": bench_lrn, "training": bench_training, "pipeline": bench_input_pipeline,
+           "loop": bench_loop, "export": bench_export}
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                    platform.processor())
+
+
+def _run(name, rows, data_dir):
+    """Runs one benchmark; a failure prints one line and does not hide the other rows."""
+    started = time.perf_counter()
+    try:
+        BENCHES[name](rows, data_dir)
+    except Exception as error:
+        print(f"bench_{name} failed: {' '.join(str(error).split())[:300]}")
+    finally:
+        keras.backend.clear_session(free_memory=True)  # About 1 GB a model with its optimizer.
+        gc.collect()
+        print(f"bench_{name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("ALEXNET_DATA", str(DEFAULT_DATA)),
+                        help=f"folder holding {IMAGENETTE} (default: $ALEXNET_DATA, else {DEFAULT_DATA})")
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated benchmarks to run")
+    args = parser.parse_args()
+    distribute.split_cpu(4)  # Logical CPUs: the cost of towers and replicas.
+    rows = []
+    for name in args.only.split(","):
+        _run(name, rows, args.data)
+    print(f"\n{cpu_model()}, {len(os.sched_getaffinity(0))} cores; TensorFlow {tf.__version__}, "
+          f"Keras {keras.__version__}; {datetime.date.today().isoformat()}\n")
+    print("| what | ours | reference | ratio | unit |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['what']} | {row['ours']} | {row['reference']} | {row['ratio']} | {row['unit']} |")
+
+
+if __name__ == "__main__":
+    main()
