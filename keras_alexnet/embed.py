@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
@@ -34,7 +33,7 @@ from PIL import Image
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import cli, preprocess, sources
+from keras_alexnet import cli, preprocess, sources, summaries
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
@@ -160,7 +159,7 @@ def write_projector(logdir, batches, total=None):
     os.makedirs(logdir, exist_ok=True)
     raw = {key: os.path.join(logdir, f".{key}.raw") for key in ("fc7", "thumbs")}
     rows, width = 0, None
-    bar = keras.utils.Progbar(total, unit_name="image")
+    bar = summaries.progress_bar(total, "image")
     try:
         with open(raw["fc7"], "wb") as vectors, open(raw["thumbs"], "wb") as thumbs, \
                 open(os.path.join(logdir, METADATA), "w", encoding="utf-8") as metadata:

@@ -4,12 +4,11 @@ Streams the split once and writes an .npz (see preprocess.Stats) with the mean i
 per-channel mean, and the eigenvalues / eigenvectors (columns, descending) of the 3x3 covariance of
 RGB pixel values scaled to 0-1. Sums are accumulated in float64 inside a tf.function.
 """
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import cli, preprocess, sources
+from keras_alexnet import cli, preprocess, sources, summaries
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", None, "'synthetic', a folder of class folders, or a TFDS name.")
@@ -36,7 +35,7 @@ def compute_stats(images, total=None, batch_size=32):
         sums["outer"].assign_add(tf.matmul(pixels, pixels, transpose_a=True))
         sums["count"].assign_add(tf.shape(batch, out_type=tf.int64)[0])
 
-    bar = keras.utils.Progbar(total, unit_name="image")
+    bar = summaries.progress_bar(total, "image")
     for batch, _ in images.batch(batch_size).prefetch(tf.data.AUTOTUNE):
         accumulate(batch)
         bar.add(int(batch.shape[0]))

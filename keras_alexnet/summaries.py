@@ -37,6 +37,30 @@ def is_terminal():
     return hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
 
 
+def progress_bar(total, unit_name, verbose=True):
+    """Something to `add(n)` to: Keras's bar on a terminal, plain lines in a log (PlainProgress)."""
+    if not verbose:
+        return keras.utils.Progbar(total, verbose=0)
+    return keras.utils.Progbar(total, unit_name=unit_name) if is_terminal() else PlainProgress(total, unit_name)
+
+
+class PlainProgress:
+    """A line `done/total done, rate unit/s` every `every` seconds and at the end: no control codes."""
+
+    def __init__(self, total, unit_name, every=10.0):
+        self.total, self.unit, self.every = total, unit_name, every
+        self.done, self._started = 0, time.perf_counter()
+        self._printed = self._started
+
+    def add(self, count):
+        self.done += count
+        now = time.perf_counter()
+        if now - self._printed >= self.every or (self.total and self.done >= self.total):
+            self._printed = now
+            rate = self.done / max(now - self._started, 1e-9)
+            print(f"{self.done}/{self.total or '?'} done, {rate:.1f} {self.unit}/s", flush=True)
+
+
 class Progress:
     """The progress of one epoch, updated after each loop of steps.
 

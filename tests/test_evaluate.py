@@ -71,6 +71,8 @@ def test_evaluate_cli_reports_the_errors_numpy_computes(run_dir):
     assert (report["step"], report["dataset"], report["split"]) == (42, str(root / "data"), "validation")
     top5_errors = assert_report(report, result.stdout, model, root / "data" / "val", 14)
     assert max(top5_errors) > 0  # Some label is outside the top 5: top-5 is really tested.
+    # Not a terminal: progress as plain lines ("3/3 done, 2.1 batch/s"), no control codes.
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout and "/3 done, " in result.stdout
 
 
 def copy_classes(root, name, classes):
