@@ -275,6 +275,21 @@ def test_eval_pipeline_centre_and_ten_crop():
     np.testing.assert_allclose(ten[4, 7], (raw[4] - mean)[:227, 29:][:, ::-1], atol=1e-4)
 
 
+def test_validation_covers_the_split_once_for_any_number_of_workers_and_replicas():
+    """7 images, global batch 4: two global batches, the last padded with one label -1, split over
+    1 or 2 workers of 2 replicas each; every image is counted exactly once."""
+    source = constant_source([np.zeros((256, 256, 3), np.uint8)] * 7)
+    for workers in (1, 2):
+        labels = []
+        for worker in range(workers):
+            context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker,
+                                                 num_replicas_in_sync=2 * workers)
+            batches = list(data.eval_pipeline(source, 4, zero_stats(), input_context=context))
+            assert {b[0].shape[0] for b in batches} == {2 // workers}  # Every replica a full batch.
+            labels += [int(y) for _, batch in batches for y in batch]
+        assert sorted(y for y in labels if y >= 0) == list(range(7)) and labels.count(-1) == 1, workers
+
+
 # ----------------------------------------------------------------------------- sources
 
 def test_folder_source_skips_and_counts_corrupt_files(image_folder):
