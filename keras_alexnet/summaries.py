@@ -71,7 +71,7 @@ class Progress:
     def __init__(self, title, total_steps, done, batch_size, learning_rate, traced=False):
         """traced: the step function is traced already, so the first loop can be timed too."""
         self.title, self.total, self.batch_size = title, total_steps, batch_size
-        self.images, self.speed, self._timed_from = 0, 0.0, done
+        self.speed, self._timed_from = 0.0, done
         self._started = time.perf_counter() if traced else None
         print(f"{title}: {total_steps - done} steps of {batch_size} images, learning rate {learning_rate:.2g}"
               + (f" (resumed after step {done})" if done else ""), flush=True)
@@ -80,9 +80,8 @@ class Progress:
         if self._bar:
             self._bar.update(done)
 
-    def update(self, done, steps, errors):
-        """`done` steps of the epoch are finished, `steps` of them in the last loop; returns img/s."""
-        self.images += steps * self.batch_size
+    def update(self, done, errors):
+        """`done` steps of the epoch are finished, with these running `errors`; returns img/s."""
         now = time.perf_counter()
         if self._started is None:  # The first loop traced the step: time from its end.
             self._started, self._timed_from = now, done

@@ -132,7 +132,8 @@ class Run:
             self.optimizer.build(self.model.trainable_variables)  # Before the first step, inside the scope.
             self.state = {name: tf.Variable(value, trainable=False, name=name) for name, value in
                           [("step", tf.constant(0, tf.int64)), ("epoch", tf.constant(0, tf.int64)),
-                           ("best_error", 1.0), ("bad_epochs", 0), ("lr_drops", 0), ("stuck_epochs", 0)]}
+                           ("best_error", 1.0), ("bad_epochs", 0), ("lr_drops", 0), ("stuck_epochs", 0),
+                           ("epoch_totals", tf.zeros(len(metrics.TOTALS), tf.float64))]}
 
     def _restore_or_create(self, run_config):
         config = self.config
@@ -180,19 +181,21 @@ class Run:
         self.progress = summaries.Progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch, done,
                                            config.batch_size, float(self.optimizer.learning_rate),
                                            traced=self.train_loop.experimental_get_tracing_count() > 0)
-        summed = np.zeros(len(metrics.TOTALS))
+        # The epoch's totals so far are checkpointed: a resumed epoch reports all of its steps.
+        summed = self.state["epoch_totals"].numpy() if done else np.zeros(len(metrics.TOTALS))
         while done < self.steps_per_epoch:
             step = self.step
             steps = min(config.steps_per_loop, self.steps_per_epoch - done,
                         config.checkpoint_every - step % config.checkpoint_every)
             loop_totals = self.train_loop(iterator, tf.constant(steps)).numpy()
             summed += loop_totals
+            self.state["epoch_totals"].assign(summed)
             done, step = done + steps, step + steps
             loss = metrics.errors(loop_totals)["loss"]
             if not math.isfinite(loss):
                 raise TrainingStuck(f"the training loss is {loss} at step {step}: it diverged; "
                                     "lower --learning_rate or try --init=caffe")
-            speed = self.progress.update(done, steps, metrics.errors(summed))
+            speed = self.progress.update(done, metrics.errors(summed))
             with self.writers["train"].as_default(step=step):
                 tf.summary.scalar("loss", loss)
                 tf.summary.scalar("learning_rate", float(self.optimizer.learning_rate))
@@ -218,7 +221,7 @@ class Run:
         self.state["stuck_epochs"].assign(self.state["stuck_epochs"] + 1 if stuck else 0)
         _write_epoch_summaries(self.writers, self.model, self.step, train_metrics, val_metrics, self.chief)
         self.save("epoch end")
-        corrupt = self.progress.images - train_metrics["images"]
+        corrupt = self.steps_per_epoch * config.batch_size - train_metrics["images"]
         print(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.4f} top-1 err {train_metrics['top1_error']:.2%}"
               f" | val loss {val_metrics['loss']:.4f} top-1 err {val_metrics['top1_error']:.2%} "
               f"top-5 err {val_metrics['top5_error']:.2%} | {self.progress.speed:.1f} img/s"

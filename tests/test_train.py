@@ -332,3 +332,20 @@ def test_a_resumed_run_keeps_the_plateau_state(tmp_path, logical_cpus, monkeypat
     value = {name: saved.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
              for name in ("base_lr", "best_error", "bad_epochs", "lr_drops", "step")}
     assert value == {"base_lr": pytest.approx(0.00042), "best_error": 0.0, "bad_epochs": 0, "lr_drops": 3, "step": 2}
+
+
+def test_a_run_stopped_after_an_epochs_last_step_resumes_with_that_epochs_totals(tmp_path, logical_cpus,
+                                                                                   monkeypatch):
+    """A checkpoint taken after the last step but before the epoch's end (SIGTERM there, or --checkpoint_every)
+    resumes into an empty rest of the epoch: its training metrics come from the checkpointed totals."""
+    def killed(self, summed):
+        raise KeyboardInterrupt("stopped between the last step and the epoch's end")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Run, "end_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tiny_run(tmp_path, "synthetic", logical_cpus, steps_per_epoch=2, checkpoint_every=2)
+    assert int(tf.train.latest_checkpoint(tmp_path / "checkpoints").rsplit("-", 1)[1]) == 2
+    tiny_run(tmp_path, "synthetic", logical_cpus, steps_per_epoch=2, checkpoint_every=2)
+    history = [json.loads(line) for line in (tmp_path / train.HISTORY).read_text().splitlines()]
+    assert [(h["epoch"], h["step"], h["train"]["images"]) for h in history] == [(1, 2, 8)]
