@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_alexnet import preprocess
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
-from keras_alexnet.sources import load_images
+from keras_alexnet.sources import indexed_records, load_images
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -29,7 +29,7 @@ def _records(source, cache=None):
     """(records of (index, payload, label), loaded): with `cache`, the payloads are already loaded
     into (image, ok) and cached in memory or in a file (filled here by one pass, so that every
     later epoch reads it, however little of it an epoch takes)."""
-    records = source.records.enumerate().map(lambda index, record: (index, *record))
+    records = indexed_records(source)
     if not cache:
         return records, False
     key = (source.records, cache)

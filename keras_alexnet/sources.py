@@ -179,6 +179,11 @@ def _tfds_source(name, split, data_dir, val_fraction):
     return Source(records, decode, list(builder.info.features[label_key].names), num_examples)
 
 
+def indexed_records(source):
+    """The source's records as (index, payload, label): the index names an image in every pipeline."""
+    return source.records.enumerate().map(lambda index, record: (index, *record))
+
+
 def load_images(records, load):
     """(index, payload, label) -> (index, uint8 [256, 256, 3] image, ok, label), in order.
 
@@ -199,8 +204,7 @@ def load_images(records, load):
 
 def has_readable_image(source):
     """True once one image of `source` loads: reads only as far as the first good file."""
-    indexed = source.records.enumerate().map(lambda index, record: (index, *record))
-    readable = load_images(indexed, source.load).filter(lambda index, image, ok, label: ok)
+    readable = load_images(indexed_records(source), source.load).filter(lambda index, image, ok, label: ok)
     return any(True for _ in readable.take(1))
 
 
@@ -216,6 +220,6 @@ def decoded_images(source):
         bad.scatter_nd_update(index[None, None], tf.logical_not(ok)[None])
         return ok
 
-    indexed = source.records.enumerate().map(lambda index, record: (index, *record))
-    images = load_images(indexed, source.load).filter(keep).map(lambda index, image, ok, label: (image, label))
+    images = load_images(indexed_records(source), source.load).filter(keep)
+    images = images.map(lambda index, image, ok, label: (image, label))
     return images, lambda: int(tf.math.count_nonzero(bad))
