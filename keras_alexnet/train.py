@@ -23,8 +23,8 @@ from absl import app, logging
 from keras_alexnet import checkpoint, cli, data, export, filters, metrics, preprocess, sources, summaries
 from keras_alexnet.config import config_from_flags, define_flags
 from keras_alexnet.distribute import is_chief, make_strategy, split_cpu
-from keras_alexnet.step import WarmupThenPlateau, make_train_loop, make_train_step, update_learning_rate
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet
+from keras_alexnet.step import WarmupThenPlateau, make_train_loop, make_train_step, update_learning_rate
 
 HISTORY = "history.jsonl"  # One JSON line per epoch: train and validation metrics, images/s.
 
@@ -284,7 +284,6 @@ def _write_epoch_summaries(writers, model, step, train_metrics, val_metrics, chi
             tf.summary.scalar(f"epoch_{key}", val_metrics[key])
 
 
-@cli.reports_errors(TrainingStuck)
 @cli.reports_errors(TrainingStuck)
 def main(argv):
     del argv
