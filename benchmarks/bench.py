@@ -24,10 +24,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import data, distribute, export, lrn, preprocess, sources, train
+from keras_alexnet import checkpoint, data, distribute, export, lrn, preprocess, sources
 from keras_alexnet.config import Config
 from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
 from keras_alexnet.step import make_train_loop, make_train_step
+from keras_alexnet.trainer import Trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGENETTE = "imagenette2_224_subset"
@@ -212,7 +213,7 @@ def bench_training(rows, data_dir, batch_size=128):
 
 
 def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
-    """The whole training loop (train.train on Imagenette held in memory) against its bare step.
+    """The whole training loop (Trainer.fit on Imagenette held in memory) against its bare step.
 
     The loop's img/s is what its progress line reports: the steps of the epoch after the first loop
     (which traces), with the input pipeline, the host's reads and the summaries, without the
@@ -239,8 +240,8 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
         with tempfile.TemporaryDirectory() as model_dir:
             config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
                             eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
-            train.train(config, _new_strategy(list(plan)), plan)
-            with open(os.path.join(model_dir, train.HISTORY)) as f:
+            Trainer(config, _new_strategy(list(plan)), plan).fit()
+            with open(os.path.join(model_dir, checkpoint.HISTORY)) as f:
                 speed = [json.loads(line) for line in f][-1]["images_per_second"]
         after = bare_speed()
         reference, before = max(before, after), after

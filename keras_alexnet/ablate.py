@@ -15,7 +15,9 @@ import os
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources, train
+from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources
+from keras_alexnet.step import TrainingStuck
+from keras_alexnet.trainer import Trainer
 
 VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
     "baseline": ("the paper's network", {}, {}),
@@ -36,7 +38,7 @@ def variant_config(base, name, output_dir):
 
 
 def read_history(model_dir):
-    with tf.io.gfile.GFile(os.path.join(model_dir, train.HISTORY)) as f:
+    with tf.io.gfile.GFile(os.path.join(model_dir, checkpoint.HISTORY)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -104,8 +106,8 @@ def train_variant(config):
     distribute.split_cpu(config.cpu_devices)
     strategy, plan = distribute.make_strategy(config.towers_per_replica)
     try:
-        train.train(config, strategy, plan)
-    except train.TrainingStuck as error:  # Its epochs so far still go in the table.
+        Trainer(config, strategy, plan).fit()
+    except TrainingStuck as error:  # Its epochs so far still go in the table.
         print(f"{config.model_dir}: {error}")
 
 
@@ -115,7 +117,7 @@ def run_ablation(base, names, output_dir):
     for name in names:
         print(f"\n=== {name}: {VARIANTS[name][0]}", flush=True)
         config = variant_config(base, name, output_dir)
-        if not (tf.io.gfile.exists(os.path.join(config.model_dir, train.HISTORY))
+        if not (tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.HISTORY))
                 and len(read_history(config.model_dir)) >= config.epochs):
             child = processes.Process(target=train_variant, args=(config,))
             child.start()

@@ -5,20 +5,25 @@
       labels.txt      class names, one a line, in label order
       stats.npz       the data statistics the run subtracted (mean image, RGB eigen figures)
       checkpoints/    tf.train.CheckpointManager checkpoints: model, optimizer, step, loop state
+      history.jsonl   one JSON line per epoch: train and validation metrics, images/s
 
 A run directory knows what it is: a resumed run must have the batch size, steps per epoch, dataset,
 classes and input size it was created with (`check_resume`), and config.json and labels.txt are
 written once, when the run is created.
 """
 import collections
+import hashlib
 import json
 import os
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_alexnet.model import build_alexnet
 
 CONFIG, LABELS, STATS, CHECKPOINTS = "config.json", "labels.txt", "stats.npz", "checkpoints"
+HISTORY = "history.jsonl"
 
 RunFiles = collections.namedtuple("RunFiles", ["config", "class_names", "stats_path"])
 
@@ -135,3 +140,11 @@ def load_matching_weights(model, run_dir):
     print(f"--init_from {run_dir}: loaded {len(loaded)} layers; skipped {len(skipped)}: "
           f"{', '.join(skipped) or 'none'}")
     return loaded, skipped
+
+
+def weights_digest(model):
+    """sha256 of all weights: equal digests mean bit-identical models (resume and multi-worker tests)."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value)).tobytes())
+    return digest.hexdigest()[:16]

@@ -9,8 +9,6 @@ import typing
 import tensorflow as tf
 from absl import flags
 
-from keras_alexnet.model import INITS
-
 FLAGS = flags.FLAGS
 
 
@@ -42,7 +40,8 @@ class Config:
     lr_patience: int = option(2, "Epochs without a better validation error before lr /= 10 (the paper "
                               "gives no number).")
     max_lr_drops: int = option(3, "How often the learning rate may be divided by 10 (section 5: 3).")
-    init: str = option("caffe", "Initialisation: paper (section 5), caffe (bvlc_alexnet), glorot.", list(INITS))
+    init: str = option("caffe", "Initialisation: paper (section 5), caffe (bvlc_alexnet), glorot.",
+                       ["paper", "caffe", "glorot"])  # model.INITS's keys.
     dropout_rate: float = option(0.5, "Dropout after fc6 and fc7 (section 4.2).")
     towers_per_replica: int = option(2, "2: the paper's two towers on two devices per replica; 1: every "
                                      "device is a replica running both towers.")

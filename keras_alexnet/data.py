@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_alexnet import preprocess
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
-from keras_alexnet.sources import indexed_records, load_images
+from keras_alexnet.sources import has_readable_image, indexed_records, load_images
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -58,6 +58,21 @@ def _worker_examples(batches, source, loaded, input_context, batch_size):
 
 def _replica_batch_size(input_context, batch_size):
     return input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+
+
+def check_trainable(source, name, batch_size, replicas):
+    """Refuses, before anything is written, data that cannot train (one clear line)."""
+    classes, images = len(source.class_names), source.num_examples
+    if classes < 2:
+        raise DataError(f"{name} has {classes} class: a classifier needs 2 or more")
+    if images < batch_size:
+        raise DataError(f"{name} has {images} training images, fewer than one batch of {batch_size}: "
+                        "lower --batch_size")
+    if not has_readable_image(source):
+        raise DataError(f"{name}: no training image could be read (all {images} files are corrupt, empty or "
+                        "not images)")
+    if batch_size % replicas:
+        raise ValueError(f"--batch_size {batch_size} does not split evenly over {replicas} replicas")
 
 
 def epoch_steps(num_examples, batch_size):

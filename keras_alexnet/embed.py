@@ -33,7 +33,7 @@ from PIL import Image
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import cli, preprocess, sources, summaries
+from keras_alexnet import cli, figures, preprocess, sources, summaries
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
@@ -51,26 +51,6 @@ def load_features(saved_model):
     return lambda crops: signature(images=tf.cast(crops, tf.float32))["fc7"].numpy()
 
 
-def list_images(folder):
-    """Sorted (relative path, label) of the images below `folder`; the label is the folder holding it.
-
-    A folder of class folders gives the class names; a flat folder gives its own name to every image.
-    """
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} is not a directory")
-    root = os.path.basename(os.path.normpath(folder))
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(sources.IMAGE_EXTENSIONS) and not name.startswith("."):
-                path = os.path.relpath(os.path.join(parent, name), folder)
-                found.append((path, os.path.basename(os.path.dirname(path)) or root))
-    if not found:
-        raise FileNotFoundError(f"{folder} holds no {'/'.join(sources.IMAGE_EXTENSIONS)} files")
-    return found
-
-
 class Examples:
     """(name, label, uint8 [256, 256, 3]) of a folder or a dataset split, in a stable order.
 
@@ -84,7 +64,7 @@ class Examples:
             raise ValueError(f"--max_images must be positive, got {max_images}")
         self.folder, self.max_images, self.skipped = images, max_images, 0
         if images is not None:
-            self.files = list_images(images)
+            self.files = sources.list_images(images)
             self.total = min(len(self.files), max_images or len(self.files))
         else:
             self.source, self.split = sources.load_source(dataset, split, data_dir), split
@@ -141,16 +121,15 @@ def tsv_field(text):
 
 
 def write_sprite(path, thumbs):
-    """Writes thumbs [N, THUMB, THUMB, 3] as a ceil(sqrt(N)) square grid; returns the tile side."""
-    grid = math.ceil(math.sqrt(len(thumbs)))
-    side = min(THUMB, MAX_SPRITE // grid)
-    sprite = np.zeros((grid * side, grid * side, 3), np.uint8)
-    for i, thumb in enumerate(thumbs):
-        if side != THUMB:
-            thumb = np.asarray(Image.fromarray(thumb).resize((side, side), Image.Resampling.LANCZOS))
-        row, col = divmod(i, grid)
-        sprite[row * side:(row + 1) * side, col * side:(col + 1) * side] = thumb
-    Image.fromarray(sprite).save(path)
+    """Writes thumbs [N, THUMB, THUMB, 3] as a ceil(sqrt(N)) square grid; returns the tile side.
+
+    Past 128 x 128 thumbnails the tiles shrink to keep the sprite within MAX_SPRITE pixels a side;
+    the shrunk tiles together are no larger than the sprite itself."""
+    columns = math.ceil(math.sqrt(len(thumbs)))
+    side = min(THUMB, MAX_SPRITE // columns)
+    if side != THUMB:
+        thumbs = [np.asarray(Image.fromarray(t).resize((side, side), Image.Resampling.LANCZOS)) for t in thumbs]
+    Image.fromarray(figures.grid(thumbs, columns, rows=columns, background=0)).save(path)
     return side
 
 

@@ -103,8 +103,7 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=pre
         if not ten_crop:
             return run(net, tf.ensure_shape(preprocess.center_crop(centred), (None, *INPUT_SHAPE)))
         views = tf.map_fn(preprocess.ten_crop, centred, fn_output_signature=tf.TensorSpec((10, *INPUT_SHAPE)))
-        outputs = run(net, tf.reshape(views, (-1, *INPUT_SHAPE)))
-        return tf.reduce_mean(tf.reshape(outputs, (-1, 10, outputs.shape[-1])), axis=1)
+        return preprocess.average_over_views(lambda flat: run(net, flat), views)
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
     def serving_default(images):

@@ -11,26 +11,18 @@ on the many dark pixels of a scaled kernel.)
     python -m keras_alexnet.filters --model_dir runs/alexnet --output filters.png
     python -m keras_alexnet.filters --saved_model export/alexnet/1 --output filters.png
 """
-import math
 import re
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from keras_alexnet import checkpoint, cli
-from keras_alexnet.model import TOWERS
-
-def kernels_from_model(model):
-    """(tower A, tower B) conv1 kernels of a build_alexnet model, each [11, 11, 3, 48]; of a one-tower
-    model (build_alexnet(towers=1)), its one [11, 11, 3, 96] kernel."""
-    names = [f"conv1{s}" for s in TOWERS] if "conv1_a" in [layer.name for layer in model.layers] else ["conv1"]
-    return tuple(model.get_layer(name).layer.kernel.numpy() for name in names)
+from keras_alexnet import checkpoint, cli, figures
+from keras_alexnet.model import TOWERS, conv1_kernels
 
 
 def kernels_from_saved_model(saved_model):
-    """The conv1 kernels of an export, as `kernels_from_model`: its variables named conv1_a/.../kernel
+    """The conv1 kernels of an export, as model.conv1_kernels: its variables named conv1_a/.../kernel
     and conv1_b/.../kernel (two towers) or conv1/.../kernel (one tower)."""
     loaded = tf.saved_model.load(saved_model)
     kernels = {v.name.split("/")[0]: v for v in tf.train.TrackableView(loaded).descendants()
@@ -42,32 +34,10 @@ def kernels_from_saved_model(saved_model):
     return tuple(kernels[name].numpy() for name in names)
 
 
-def scaled(kernels):
-    """[11, 11, 3, n] kernels -> [n, 11, 11, 3], each kernel min-max scaled to [0, 1] on its own."""
-    k = np.transpose(np.asarray(kernels, np.float64), [3, 0, 1, 2])
-    low, high = k.min((1, 2, 3), keepdims=True), k.max((1, 2, 3), keepdims=True)
-    return (k - low) / np.maximum(high - low, 1e-12)
-
-
 def saturation(kernels):
     """Mean HSV chroma of the min-max scaled kernels (module docstring)."""
-    k = scaled(kernels)
+    k = figures.scaled_kernels(kernels)
     return float((k.max(-1) - k.min(-1)).mean())
-
-
-def kernel_grid(towers, columns=16, scale=4):
-    """uint8 image: each tower's kernels in rows of `columns`, the first tower's rows on top."""
-    tiles = np.concatenate([scaled(k) for k in towers])
-    tiles = np.repeat(np.repeat(tiles, scale, 1), scale, 2)
-    side = tiles.shape[1] + 1  # One gap pixel right of and below each tile.
-    rows_per_tower = math.ceil(towers[0].shape[-1] / columns)
-    grid = np.ones((rows_per_tower * len(towers) * side - 1, columns * side - 1, 3))
-    for t, tower in enumerate(towers):
-        for i in range(tower.shape[-1]):
-            row, col = divmod(i, columns)
-            y, x = (t * rows_per_tower + row) * side, col * side
-            grid[y:y + side - 1, x:x + side - 1] = tiles[t * towers[0].shape[-1] + i]
-    return np.round(grid * 255).astype(np.uint8)
 
 
 def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scale=4):
@@ -76,9 +46,9 @@ def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scal
         raise ValueError("give exactly one of --model_dir and --saved_model")
     if columns < 1 or scale < 1:
         raise ValueError("--columns and --scale must be positive")
-    towers = kernels_from_saved_model(saved_model) if saved_model else kernels_from_model(
+    towers = kernels_from_saved_model(saved_model) if saved_model else conv1_kernels(
         checkpoint.restore_model(model_dir)[0])
-    Image.fromarray(kernel_grid(towers, columns, scale)).save(output)
+    Image.fromarray(figures.kernel_grid(towers, columns, scale)).save(output)
     return {"AB"[i]: saturation(kernels) for i, kernels in enumerate(towers)}
 
 

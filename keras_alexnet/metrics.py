@@ -5,7 +5,7 @@ Labels of -1 mark padding and images that failed to load: they add nothing to an
 import keras
 import tensorflow as tf
 
-from keras_alexnet import summaries
+from keras_alexnet import preprocess, summaries
 
 TOTALS = ("loss", "top1", "top5", "images")  # Sums over images; `errors` turns them into rates.
 
@@ -42,16 +42,12 @@ def errors(summed):
 def make_eval_step(strategy, model):
     """A tf.function: the `totals` of a distributed batch, summed over the replicas.
 
-    Views of a 10-crop batch ([B, 10, 227, 227, 3]) are run as one batch and their softmax outputs
-    averaged, as the paper did (section 4.1).
+    The views of a 10-crop batch ([B, 10, 227, 227, 3]) have their softmax outputs averaged (section 4.1).
     """
 
     def replica_step(images, labels):
         if images.shape.rank == 5:
-            views = tf.shape(images)[1]
-            flat = tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0))
-            probabilities = model(flat, training=False)
-            probabilities = tf.reduce_mean(tf.reshape(probabilities, [-1, views, probabilities.shape[-1]]), 1)
+            probabilities = preprocess.average_over_views(lambda views: model(views, training=False), images)
         else:
             probabilities = model(images, training=False)
         return totals(labels, probabilities)

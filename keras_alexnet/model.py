@@ -232,3 +232,10 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
 def feature_model(model, layer="fc7"):
     """The sub-model from the images to a named layer's output (fc7: section 6.1's features)."""
     return keras.Model(model.input, model.get_layer(layer).output, name=f"{model.name}_{layer}")
+
+
+def conv1_kernels(model):
+    """(tower A, tower B) conv1 kernels of a build_alexnet model, each [11, 11, 3, 48]; of a one-tower
+    model, its one [11, 11, 3, 96] kernel."""
+    names = [f"conv1{s}" for s in TOWERS] if "conv1_a" in [layer.name for layer in model.layers] else ["conv1"]
+    return tuple(model.get_layer(name).layer.kernel.numpy() for name in names)

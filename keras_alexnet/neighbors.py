@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import cli, embed
+from keras_alexnet import cli, embed, figures
 
 Embedded = collections.namedtuple("Embedded", ["fc7", "files", "labels", "thumbs"])
 GAP, CHUNK = 2, 8192  # White pixels between tiles; index rows per distance block.
@@ -89,22 +89,26 @@ def grid_image(query_thumbs, index_thumbs, rows, captions):
     """Figure 4's layout: one row per query, its thumbnail, QUERY_GAP white pixels, then its neighbours'
     thumbnails GAP apart, closest first; `captions[r][c]` are the lines of text under tile c of row r."""
     side = index_thumbs.shape[1]
+    queries = [captioned(Image.fromarray(q).resize((side, side), Image.Resampling.LANCZOS), lines[0])
+               for q, lines in zip(query_thumbs, captions)]
+    neighbours = [captioned(Image.fromarray(index_thumbs[i]), lines)
+                  for row, row_captions in zip(rows, captions) for i, lines in zip(row, row_captions[1:])]
+    left = figures.grid(queries, 1, gap=GAP)
+    right = figures.grid(neighbours, rows.shape[1], gap=GAP)
+    return np.concatenate([left, np.full((len(left), QUERY_GAP, 3), 255, np.uint8), right], 1)
+
+
+def captioned(tile, lines):
+    """uint8 [side + 2 lines, side, 3]: the tile with its lines of text below it, cut to its width."""
     font = ImageFont.load_default()
     line = font.getbbox("Ag")[3] + 2
-    height = side + 2 * line  # A tile and its caption.
-    image = Image.new("RGB", (side + QUERY_GAP + rows.shape[1] * (side + GAP) - GAP,
-                              len(rows) * (height + GAP) - GAP), "white")
+    image = Image.new("RGB", (tile.width, tile.height + 2 * line), "white")
+    image.paste(tile, (0, 0))
     draw = ImageDraw.Draw(image)
-    for r, (query, neighbours) in enumerate(zip(query_thumbs, rows)):
-        tiles = [Image.fromarray(query).resize((side, side), Image.Resampling.LANCZOS),
-                 *[Image.fromarray(t) for t in index_thumbs[neighbours]]]
-        for c, (tile, lines) in enumerate(zip(tiles, captions[r])):
-            x, y = (0 if c == 0 else side + QUERY_GAP + (c - 1) * (side + GAP)), r * (height + GAP)
-            image.paste(tile, (x, y))
-            for i, text in enumerate(lines):
-                while text and draw.textlength(text, font=font) > side:  # Cut to the tile's width.
-                    text = text[:-1]
-                draw.text((x, y + side + i * line), text, fill="black", font=font)
+    for i, text in enumerate(lines):
+        while text and draw.textlength(text, font=font) > tile.width:
+            text = text[:-1]
+        draw.text((0, tile.height + i * line), text, fill="black", font=font)
     return np.asarray(image)
 
 

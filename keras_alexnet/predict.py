@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, embed
+from keras_alexnet import checkpoint, cli, sources
 
 SIGNATURE = "predict_images"
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -44,7 +44,7 @@ def list_files(paths):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            files += [os.path.join(path, name) for name, _ in embed.list_images(path)]
+            files += [os.path.join(path, name) for name, _ in sources.list_images(path)]
         elif os.path.exists(path):
             files.append(path)
         else:

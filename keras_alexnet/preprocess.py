@@ -186,6 +186,14 @@ def ten_crop(image, size=CROP_SIZE):
     return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
 
 
+def average_over_views(predict, views):
+    """`predict` of views [B, V, H, W, C] run as one batch of B * V, its outputs averaged over each
+    image's V views: section 4.1 averages "the predictions made by the network's softmax layer on the
+    ten patches"."""
+    outputs = predict(tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0)))
+    return tf.reduce_mean(tf.reshape(outputs, [-1, tf.shape(views)[1], outputs.shape[-1]]), axis=1)
+
+
 def pca_lighting(image, alphas, stats):
     """Section 4.1's lighting change: adds sum_i alpha_i * lambda_i * p_i to every pixel.
 

@@ -103,7 +103,7 @@ def _folder_source(root, split, val_fraction, seed, class_names):
         held_out = split == "validation"
     else:
         raise DataError(f"{root} has no split {split!r}; use train or validation")
-    folders, paths, labels = _list_images(classes_root)
+    folders, paths, labels = _class_images(classes_root)
     if class_names is None:  # The training split's folders define the labels.
         class_names = folders if held_out is not None or split == "train" else \
             _class_folders(os.path.join(root, "train"))
@@ -126,20 +126,43 @@ def _class_folders(root):
     return [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
 
 
-def _list_images(root):
+def list_images(folder):
+    """Sorted (path relative to `folder`, label) of the image files at any depth below `folder`, a
+    folder's files before its subfolders'. The label is the name of the folder holding the file, so a
+    folder of class folders gives class names and a flat folder its own name. Names with an image
+    extension are taken for files unchecked: one listing a folder, even on GCS."""
+    if not tf.io.gfile.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a directory")
+    found = []
+
+    def visit(relative, label):
+        entries = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(os.path.join(folder, relative))
+                         if not e.startswith("."))
+        images = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
+        found.extend((os.path.join(relative, name), label) for name in images)
+        for name in entries:
+            if name not in images and tf.io.gfile.isdir(os.path.join(folder, relative, name)):
+                visit(os.path.join(relative, name), name)
+
+    visit("", os.path.basename(os.path.normpath(folder)))
+    if not found:
+        raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def _class_images(root):
+    """(class names, paths, labels) of the images directly in root's class folders."""
     class_names = _class_folders(root)
     if not class_names:
         what = "files but no class subfolders" if tf.io.gfile.listdir(root) else "nothing"
         raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        for file in sorted(tf.io.gfile.listdir(os.path.join(root, name))):
-            if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
-                paths.append(os.path.join(root, name, file))
-                labels.append(label)
-    if not paths:
-        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
-    return class_names, paths, labels
+    by_name = {name: label for label, name in enumerate(class_names)}
+    images = [(os.path.join(root, path), by_name[name]) for path, name in list_images(root)
+              if os.path.dirname(path) == name]
+    if not images:
+        raise DataError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    paths, labels = zip(*images)
+    return class_names, list(paths), list(labels)
 
 
 def _path_fraction(path):

@@ -1,250 +1,23 @@
-"""python -m keras_alexnet.train: the paper's training (section 5) as a MirroredStrategy custom loop.
+"""python -m keras_alexnet.train: trains AlexNet as section 5 did, then exports it (--export_dir).
 
-Data x model parallelism (distribute.py): each replica runs the paper's two towers on two devices. Every
-replica plan computes the same thing: the pipeline cuts each global batch the same way whatever the
-devices (data.py), the loss is averaged over the global batch, and replica gradients are summed.
---steps_per_loop steps run inside one tf.function; between loops the host updates the progress,
-writes summaries and checkpoints, and TensorFlow's PreemptionCheckpointHandler turns SIGTERM (and
-Ctrl-C) into one checkpoint that every worker saves at the same step, then exit status 0.
+This program only reads the flags (config.Config's fields), makes the device plan (distribute.py),
+runs the trainer (trainer.py) and exports the result (export.py). Stop it with Ctrl-C or SIGTERM and
+run the same command again to resume.
 """
-import dataclasses
-import hashlib
-import json
-import math
 import os
-import signal
 import sys
 
-import keras
-import numpy as np
-import tensorflow as tf
-from absl import app, logging
+from absl import app
 
-from keras_alexnet import checkpoint, cli, data, export, filters, metrics, preprocess, sources, summaries
+from keras_alexnet import cli, export
 from keras_alexnet.config import config_from_flags, define_flags
-from keras_alexnet.distribute import is_chief, make_strategy, split_cpu
-from keras_alexnet.model import INPUT_SHAPE, build_alexnet
-from keras_alexnet.step import WarmupThenPlateau, make_train_loop, make_train_step, update_learning_rate
-
-HISTORY = "history.jsonl"  # One JSON line per epoch: train and validation metrics, images/s.
+from keras_alexnet.distribute import make_strategy, split_cpu
+from keras_alexnet.step import TrainingStuck
+from keras_alexnet.trainer import Trainer
 
 
-# ----------------------------------------------------------------------------------------- the loop
-
-class TrainingStuck(Exception):
-    """Epochs at chance after enough steps, or a diverged loss: better stopped than run for 90 epochs."""
-
-
-def is_stuck(loss, num_classes):
-    """True when the training loss is within 2% of ln(num_classes), i.e. the net still guesses."""
-    return abs(loss - math.log(num_classes)) <= 0.02 * math.log(num_classes)
-
-
-def weights_digest(model):
-    """sha256 of all weights: equal digests mean bit-identical models (resume and multi-worker tests)."""
-    digest = hashlib.sha256()
-    for variable in model.weights:
-        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value)).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def check_trainable(train_source, config, replicas):
-    """Refuses, before anything is written, data that cannot train (one clear line)."""
-    classes, images = len(train_source.class_names), train_source.num_examples
-    if classes < 2:
-        raise preprocess.DataError(f"{config.dataset} has {classes} class: a classifier needs 2 or more")
-    if images < config.batch_size:
-        raise preprocess.DataError(f"{config.dataset} has {images} training images, fewer than one batch of "
-                                   f"{config.batch_size}: lower --batch_size")
-    if not sources.has_readable_image(train_source):
-        raise preprocess.DataError(f"{config.dataset}: no training image could be read (all {images} files are "
-                                   "corrupt, empty or not images)")
-    if config.batch_size % replicas:
-        raise ValueError(f"--batch_size {config.batch_size} does not split evenly over {replicas} replicas")
-
-
-def train(config, strategy, plan):
-    """Trains per `config` under `strategy` (replica devices -> tower devices in `plan`); returns the
-    final validation metrics."""
-    run = Run(config, strategy, plan)
-    val_metrics = {}
-    while run.epoch < config.epochs:
-        val_metrics = run.end_epoch(run.train_epoch())
-    run.finish()
-    return val_metrics
-
-
-class Run:
-    """A training run: its data, model, optimizer, checkpoints and summaries, epoch by epoch."""
-
-    def __init__(self, config, strategy, plan):
-        keras.utils.set_random_seed(config.seed)
-        if config.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        keras.mixed_precision.set_dtype_policy("float32" if config.mixed_precision == "off"
-                                               else config.mixed_precision)
-        self.config, self.strategy, self.chief = config, strategy, is_chief(strategy)
-        self.train_source = sources.load_source(config.dataset, "train", config.data_dir, seed=config.seed)
-        self.val_source = sources.load_source(config.dataset, "validation", config.data_dir, seed=config.seed,
-                                              class_names=self.train_source.class_names)
-        check_trainable(self.train_source, config, strategy.num_replicas_in_sync)
-        self.stats = preprocess.Stats.load(config.stats) if config.stats else preprocess.Stats.imagenet()
-        self.steps_per_epoch = min(data.epoch_steps(self.train_source.num_examples, config.batch_size),
-                                   config.steps_per_epoch or math.inf)
-        model_kwargs = {**checkpoint.architecture(config.init_from),  # E.g. Caffe's LRN constants.
-                        "num_classes": len(self.train_source.class_names), "dropout_rate": config.dropout_rate,
-                        "init": config.init, **config.model}
-        run_config = {**dataclasses.asdict(config), "model": model_kwargs, "steps_per_epoch": self.steps_per_epoch,
-                      "input_shape": list(INPUT_SHAPE)}
-        checkpoint.check_resume(config.model_dir, run_config, self.train_source.class_names)
-        logging.info("devices: %s", "; ".join(f"replica {i} on {r} -> towers on {a}, {b}"
-                                               for i, (r, (a, b)) in enumerate(plan.items())))
-        self._build(model_kwargs, plan)
-        self._restore_or_create(run_config)
-        self.writers = {split: tf.summary.create_file_writer(os.path.join(config.model_dir, split)) if self.chief
-                        else tf.summary.create_noop_writer() for split in ("train", "validation")}
-        self.preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-            getattr(strategy, "cluster_resolver", None), self.manager,
-            termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._stopped))
-        signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))  # Ctrl-C saves too.
-        self.train_loop = make_train_loop(make_train_step(strategy, self.model, self.optimizer, config),
-                                          self.state["step"])
-        self.eval_step = metrics.make_eval_step(strategy, self.model)
-        self.val_data = strategy.distribute_datasets_from_function(
-            lambda ctx: data.eval_pipeline(self.val_source, config.batch_size, self.stats, input_context=ctx,
-                                           steps=config.eval_steps, cache=config.cache))
-        if config.cache:
-            print(f"first, {self.train_source.num_examples} training and {self.val_source.num_examples} "
-                  f"validation images are decoded into the {config.cache} cache", flush=True)
-
-    def _build(self, model_kwargs, plan):
-        config = self.config
-        with self.strategy.scope():
-            self.model = build_alexnet(**model_kwargs, tower_devices=plan, seed=config.seed)
-            if config.init_from:  # A resumed run's checkpoint then replaces these weights.
-                checkpoint.load_matching_weights(self.model, config.init_from)
-            self.base_lr = tf.Variable(config.learning_rate, trainable=False, name="base_lr")
-            self.optimizer = keras.optimizers.SGD(
-                WarmupThenPlateau(self.base_lr, config.warmup_epochs * self.steps_per_epoch),
-                momentum=config.momentum)
-            if config.mixed_precision == "mixed_float16":
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-            self.optimizer.build(self.model.trainable_variables)  # Before the first step, inside the scope.
-            self.state = {name: tf.Variable(value, trainable=False, name=name) for name, value in
-                          [("step", tf.constant(0, tf.int64)), ("epoch", tf.constant(0, tf.int64)),
-                           ("best_error", 1.0), ("bad_epochs", 0), ("lr_drops", 0), ("stuck_epochs", 0),
-                           ("epoch_totals", tf.zeros(len(metrics.TOTALS), tf.float64))]}
-
-    def _restore_or_create(self, run_config):
-        config = self.config
-        ckpt = checkpoint.training_checkpoint(self.model, self.optimizer, base_lr=self.base_lr, **self.state)
-        self.checkpoint_dir = os.path.join(config.model_dir, checkpoint.CHECKPOINTS)
-        own_dir = self.checkpoint_dir if self.chief else os.path.join(
-            config.model_dir, f".worker{self.strategy.cluster_resolver.task_id}")
-        self.manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=3)
-        latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-        if latest:
-            ckpt.restore(latest).assert_existing_objects_matched()
-            logging.info("resumed from %s at step %d, epoch %d", latest, self.step, self.epoch)
-        if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
-            checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)
-
-    @property
-    def step(self):
-        return int(self.state["step"].numpy())
-
-    @property
-    def epoch(self):
-        return int(self.state["epoch"].numpy())
-
-    def save(self, reason):
-        path = self.manager.save(checkpoint_number=self.state["step"])
-        logging.info("saved %s (%s)", path, reason)
-
-    def _stopped(self):
-        """The PreemptionCheckpointHandler's exit, once every worker has saved at the same step."""
-        if not self.chief:
-            tf.io.gfile.rmtree(self.manager.directory)
-        print(f"SIGTERM: stopped at step {self.step}; checkpoint saved in {self.checkpoint_dir}. "
-              "Run the same command to resume.", flush=True)
-        sys.exit(0)
-
-    def train_epoch(self):
-        """The rest of the current epoch, in loops of --steps_per_loop steps; returns its summed totals."""
-        config, epoch = self.config, self.epoch
-        done = self.step - epoch * self.steps_per_epoch  # Steps of this epoch already taken.
-        iterator = iter(self.strategy.distribute_datasets_from_function(
-            lambda ctx: data.train_pipeline(
-                self.train_source, config.batch_size, self.stats, seed=config.seed, epoch=epoch, first_step=done,
-                steps=self.steps_per_epoch, pca_lighting=config.pca_lighting, cache=config.cache,
-                input_context=ctx, shuffle_buffer=config.shuffle_buffer)))
-        self.progress = summaries.Progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch, done,
-                                           config.batch_size, float(self.optimizer.learning_rate),
-                                           traced=self.train_loop.experimental_get_tracing_count() > 0)
-        # The epoch's totals so far are checkpointed: a resumed epoch reports all of its steps.
-        summed = self.state["epoch_totals"].numpy() if done else np.zeros(len(metrics.TOTALS))
-        while done < self.steps_per_epoch:
-            step = self.step
-            steps = min(config.steps_per_loop, self.steps_per_epoch - done,
-                        config.checkpoint_every - step % config.checkpoint_every)
-            loop_totals = self.train_loop(iterator, tf.constant(steps)).numpy()
-            summed += loop_totals
-            self.state["epoch_totals"].assign(summed)
-            done, step = done + steps, step + steps
-            loss = metrics.errors(loop_totals)["loss"]
-            if not math.isfinite(loss):
-                raise TrainingStuck(f"the training loss is {loss} at step {step}: it diverged; "
-                                    "lower --learning_rate or try --init=caffe")
-            speed = self.progress.update(done, metrics.errors(summed))
-            with self.writers["train"].as_default(step=step):
-                tf.summary.scalar("loss", loss)
-                tf.summary.scalar("learning_rate", float(self.optimizer.learning_rate))
-                if speed:
-                    tf.summary.scalar("images_per_second", speed)
-            self.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
-            if step % config.checkpoint_every == 0:
-                self.save("checkpoint_every")
-        return summed
-
-    def end_epoch(self, summed):
-        """Validation, the learning-rate rule, summaries, a checkpoint and a history line; returns the
-        validation metrics."""
-        config, epoch = self.config, self.epoch
-        train_metrics = metrics.errors(summed)
-        if not train_metrics["images"]:
-            raise preprocess.DataError(f"no image of {config.dataset} could be read in epoch {epoch + 1}")
-        val_metrics = metrics.evaluate(self.eval_step, self.val_data, progress=False)
-        self.state["epoch"].assign_add(1)
-        update_learning_rate(self.state, self.base_lr, val_metrics["top1_error"], config)
-        num_classes = len(self.train_source.class_names)
-        stuck = is_stuck(train_metrics["loss"], num_classes)
-        self.state["stuck_epochs"].assign(self.state["stuck_epochs"] + 1 if stuck else 0)
-        _write_epoch_summaries(self.writers, self.model, self.step, train_metrics, val_metrics, self.chief)
-        self.save("epoch end")
-        corrupt = self.steps_per_epoch * config.batch_size - train_metrics["images"]
-        print(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.4f} top-1 err {train_metrics['top1_error']:.2%}"
-              f" | val loss {val_metrics['loss']:.4f} top-1 err {val_metrics['top1_error']:.2%} "
-              f"top-5 err {val_metrics['top5_error']:.2%} | {self.progress.speed:.1f} img/s"
-              + (f" | {corrupt} unreadable images skipped" if corrupt else ""), flush=True)
-        if self.chief:
-            with tf.io.gfile.GFile(os.path.join(config.model_dir, HISTORY), "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "step": self.step, "train": train_metrics,
-                                    "validation": val_metrics, "images_per_second": self.progress.speed}) + "\n")
-        _check_stuck(int(self.state["stuck_epochs"].numpy()), self.step, train_metrics["loss"], num_classes, config)
-        return val_metrics
-
-    def finish(self):
-        """The final digest, the export (--export_dir) and what to run next."""
-        print(f"final weights digest {weights_digest(self.model)} at step {self.step}")
-        if not self.chief:
-            tf.io.gfile.rmtree(self.manager.directory)
-            return
-        exported = self.config.export_dir and export.export_saved_model(
-            self.model, self.train_source.class_names, self.stats, self.config.export_dir, self.step)
-        _print_next_steps(self.config.model_dir, exported)
-
-
-def _print_next_steps(model_dir, exported):
+def print_next_steps(config, exported):
+    model_dir = config.model_dir
     python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
     print(f"\nwrote checkpoints, config.json, labels.txt, stats.npz and history.jsonl to {model_dir}"
           + (f"\nexported a SavedModel to {exported}" if exported else ""))
@@ -252,36 +25,9 @@ def _print_next_steps(model_dir, exported):
     print(f"  {python} -m keras_alexnet.evaluate --model_dir={model_dir}      # centre-crop and 10-crop error")
     if exported:
         print(f"  saved_model_cli show --dir {exported} --all")
-        print(f"  {python} -m keras_alexnet.embed --saved_model={exported} --dataset=synthetic "
+        print(f"  {python} -m keras_alexnet.embed --saved_model={exported} --dataset={config.dataset} "
               f"--logdir={model_dir}/embeddings --max_images=500")
     print(f"  tensorboard --logdir={model_dir}      # curves, histograms, conv1 kernels, the projector")
-
-
-def _check_stuck(stuck_epochs, step, loss, num_classes, config):
-    """Warns after 2 epochs at chance; stops after 3 once --stuck_steps steps are done (runs that
-    learn leave chance within ~100 steps at batch 64 on ImageNette, README)."""
-    if stuck_epochs >= 2:  # Epoch 1 often ends near chance on runs that then learn.
-        print(f"warning: training loss {loss:.3f} is within 2% of ln({num_classes}) = "
-              f"{math.log(num_classes):.3f} for {stuck_epochs} epochs: the net is not learning. Try "
-              "--init=caffe, a lower --learning_rate (e.g. 0.001) or --warmup_epochs=2.")
-    if stuck_epochs >= 3 and config.stuck_steps and step >= config.stuck_steps:
-        raise TrainingStuck(f"stopped at step {step} after {stuck_epochs} epochs at chance; see the warning above "
-                            "(--stuck_steps=0 never stops)")
-
-
-def _write_epoch_summaries(writers, model, step, train_metrics, val_metrics, chief):
-    with writers["train"].as_default(step=step):
-        for key in ("loss", "top1_error", "top5_error"):
-            tf.summary.scalar(f"epoch_{key}", train_metrics[key])
-        if chief:
-            for variable in model.trainable_variables:
-                summaries.histogram(variable.path, variable.value, step)
-            towers = filters.kernels_from_model(model)  # Figure 3: tower A beside tower B.
-            grid = np.concatenate([filters.kernel_grid([kernels], 8) for kernels in towers], 1)
-            tf.summary.image("conv1_kernels", grid[None])
-    with writers["validation"].as_default(step=step):
-        for key in ("loss", "top1_error", "top5_error"):
-            tf.summary.scalar(f"epoch_{key}", val_metrics[key])
 
 
 @cli.reports_errors(TrainingStuck)
@@ -289,8 +35,12 @@ def main(argv):
     del argv
     config = config_from_flags()
     split_cpu(config.cpu_devices)
-    strategy, plan = make_strategy(config.towers_per_replica)
-    train(config, strategy, plan)
+    trainer = Trainer(config, *make_strategy(config.towers_per_replica))
+    trainer.fit()
+    if trainer.chief:
+        exported = config.export_dir and export.export_saved_model(
+            trainer.model, trainer.train_source.class_names, trainer.stats, config.export_dir, trainer.step)
+        print_next_steps(config, exported)
 
 
 if __name__ == "__main__":

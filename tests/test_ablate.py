@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import reference_errors
-from keras_alexnet import ablate, checkpoint, preprocess, sources, train
+from keras_alexnet import ablate, checkpoint, preprocess, sources
 from keras_alexnet.config import Config
 from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.model import build_alexnet
@@ -80,7 +80,7 @@ def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
     png = np.asarray(Image.open(tmp_path / "curves.png"))
     assert png.shape[0] > 200 and png.shape[1] > 600 and png.std() > 0
     # The numbers are those of each run's history.jsonl, rounded to 0.1% (img/s to 0.1).
-    last = {name: json.loads((tmp_path / name / train.HISTORY).read_text().splitlines()[-1])
+    last = {name: json.loads((tmp_path / name / checkpoint.HISTORY).read_text().splitlines()[-1])
             for name in ("baseline", "one_tower")}
     cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[3:-1]] for row in rows}
     base = last["baseline"]["validation"]["top1_error"]

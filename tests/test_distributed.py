@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import checkpoint, distribute, train
+from keras_alexnet import checkpoint, distribute, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet, feature_model
 from keras_alexnet.step import make_train_step
@@ -34,8 +34,8 @@ FLAGS = [f"--{key}={value}" for key, value in RUN.items()]
 def run_in_process(model_dir, devices, towers_per_replica, **changes):
     tf.distribute.MirroredStrategy._collective_key_base += 100_000  # As conftest.separate_strategies.
     strategy, plan = distribute.make_strategy(towers_per_replica, devices)
-    train.train(Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes),
-                strategy, plan)
+    trainer.Trainer(Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes),
+                    strategy, plan).fit()
     return final_checkpoint(model_dir)
 
 
@@ -63,7 +63,7 @@ def plan_a(tmp_path_factory, logical_cpus):
 
 def test_plan_a_trains_exact_epochs_and_writes_them(plan_a):
     weights, model_dir = plan_a
-    history = [json.loads(line) for line in (model_dir / train.HISTORY).read_text().splitlines()]
+    history = [json.loads(line) for line in (model_dir / checkpoint.HISTORY).read_text().splitlines()]
     assert [(h["epoch"], h["step"], h["train"]["images"], h["validation"]["images"]) for h in history] == \
         [(1, 3, 24, 8), (2, 6, 24, 8)]
     assert len(weights) > 60  # 30 weights, their 30 momentum slots, the iteration count.
@@ -79,7 +79,7 @@ def test_one_step_a_loop_is_bit_identical_to_four(plan_a, tmp_path, logical_cpus
 def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towers):
     devices = logical_cpus if towers == 2 else logical_cpus[:2]
     weights = run_in_process(tmp_path, devices, towers, steps_per_loop=2)  # Loops of 2 and 1 steps.
-    history = [json.loads(line) for line in (tmp_path / train.HISTORY).read_text().splitlines()]
+    history = [json.loads(line) for line in (tmp_path / checkpoint.HISTORY).read_text().splitlines()]
     assert [h["step"] for h in history] == [3, 6]  # Exact epochs with 2 replicas (issue 11, item 1).
     assert_same_computation(weights, plan_a[0])
 

@@ -16,9 +16,9 @@ import tensorflow as tf
 from PIL import Image, ImageFont
 
 from conftest import write_run
-from keras_alexnet import cli, embed, filters, neighbors, preprocess
+from keras_alexnet import cli, embed, figures, filters, neighbors, preprocess
 from keras_alexnet.export import export_saved_model
-from keras_alexnet.model import build_alexnet
+from keras_alexnet.model import build_alexnet, conv1_kernels
 
 CLASSES = ("circles", "stripes", "noise")
 LABELS = [f"class{i}" for i in range(10)]  # The model's 10 classes.
@@ -291,10 +291,27 @@ def test_filters_grid_puts_tower_b_below(tmp_path):
     assert (grid[3 * side - 1] == 255).all() and (grid[:, side - 1] == 255).all()  # Gap pixels.
 
 
+def test_grid_lays_tiles_out_row_major_with_gaps():
+    tiles = [np.full((2, 3, 3), i, np.uint8) for i in range(5)]
+    image = figures.grid(tiles, 2, gap=1)
+    assert image.shape == (3 * 3 - 1, 2 * 4 - 1, 3)
+    for i in range(5):
+        row, col = divmod(i, 2)
+        assert (image[row * 3:row * 3 + 2, col * 4:col * 4 + 3] == i).all()
+    assert (image[2] == 255).all() and (image[:, 3] == 255).all() and (image[6:, 4:] == 255).all()
+    # A tower whose last row is not full: tower B still starts on a row of its own.
+    kernels = [np.full((11, 11, 3, 48), 0.0), np.full((11, 11, 3, 48), 0.0)]
+    kernels[1][0, 0, 0] = 1.0  # Each B kernel: one white-red corner pixel, the rest black.
+    grid = figures.kernel_grid(kernels, columns=10, scale=1)
+    assert grid.shape == (10 * 12 - 1, 10 * 12 - 1, 3)  # 5 rows of 10 a tower.
+    assert (grid[4 * 12:5 * 12 - 1, 8 * 12:] == 255).all()  # Tower A's two empty places are blank.
+    assert tuple(grid[5 * 12, 0]) == (255, 0, 0) and tuple(grid[4 * 12, 0]) == (0, 0, 0)
+
+
 def test_filters_from_a_saved_model(saved_model, tmp_path):
     saturations = filters.run(str(tmp_path / "f.png"), saved_model=saved_model, columns=8, scale=2)
-    expected = filters.kernels_from_model(build_model())
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), filters.kernel_grid(expected, 8, 2))
+    expected = conv1_kernels(build_model())
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), figures.kernel_grid(expected, 8, 2))
     assert saturations == {"A": pytest.approx(filters.saturation(expected[0])),
                            "B": pytest.approx(filters.saturation(expected[1]))}
     with pytest.raises(ValueError, match="exactly one of --model_dir and --saved_model"):
@@ -306,9 +323,9 @@ def test_filters_from_a_one_tower_export(tmp_path):
     model = build_alexnet(10, towers=1, seed=2)
     path = export_saved_model(model, [f"class{i}" for i in range(10)], preprocess.Stats.imagenet(), str(tmp_path), 1)
     saturations = filters.run(str(tmp_path / "f.png"), saved_model=path, columns=16, scale=1)
-    expected = filters.kernels_from_model(model)
+    expected = conv1_kernels(model)
     assert [k.shape for k in expected] == [(11, 11, 3, 96)]
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), filters.kernel_grid(expected, 16, 1))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), figures.kernel_grid(expected, 16, 1))
     assert saturations == {"A": pytest.approx(filters.saturation(expected[0]))}
 
 

@@ -1,4 +1,5 @@
 """The training loop: section 5's update rule, op placement, resume, signals, multi-worker, errors."""
+import dataclasses
 import json
 import re
 import signal
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import distribute, train
+from keras_alexnet import checkpoint, distribute, model, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet
-from keras_alexnet.step import WarmupThenPlateau, make_train_step, update_learning_rate
+from keras_alexnet.step import (TrainingStuck, WarmupThenPlateau, check_stuck, is_stuck, make_train_step,
+                                update_learning_rate)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,10 +99,10 @@ def test_each_towers_backward_pass_runs_on_its_own_device(step_setup, replica_pl
 
 
 def test_stuck_run_detector_thresholds():
-    assert train.is_stuck(np.log(10) * 1.01, 10)
-    assert train.is_stuck(6.9, 1000)
-    assert not train.is_stuck(np.log(10) * 0.97, 10)
-    assert not train.is_stuck(1.9, 10)
+    assert is_stuck(np.log(10) * 1.01, 10)
+    assert is_stuck(6.9, 1000)
+    assert not is_stuck(np.log(10) * 0.97, 10)
+    assert not is_stuck(1.9, 10)
 
 
 def test_the_demo_is_as_small_as_the_readme_says():
@@ -118,11 +120,11 @@ def test_the_demo_is_as_small_as_the_readme_says():
 def test_stuck_runs_are_judged_by_steps_taken():
     """A small dataset at chance after 3 short epochs is not stopped; after --stuck_steps it is."""
     config = Config(stuck_steps=300)
-    train._check_stuck(3, 30, 2.3, 10, config)  # 3 epochs of 10 steps: too early to judge.
-    train._check_stuck(5, 299, 2.3, 10, config)
-    with pytest.raises(train.TrainingStuck, match="stopped at step 300 after 3 epochs at chance"):
-        train._check_stuck(3, 300, 2.3, 10, config)
-    train._check_stuck(9, 10_000, 2.3, 10, Config(stuck_steps=0))  # 0: never.
+    check_stuck(3, 30, 2.3, 10, config)  # 3 epochs of 10 steps: too early to judge.
+    check_stuck(5, 299, 2.3, 10, config)
+    with pytest.raises(TrainingStuck, match="stopped at step 300 after 3 epochs at chance"):
+        check_stuck(3, 300, 2.3, 10, config)
+    check_stuck(9, 10_000, 2.3, 10, Config(stuck_steps=0))  # 0: never.
 
 
 def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
@@ -220,7 +222,7 @@ def tiny_run(model_dir, dataset=None, logical_cpus=None, **changes):
     settings = {**dict(dataset=dataset, model_dir=str(model_dir), batch_size=4, epochs=1, steps_per_epoch=1,
                        eval_steps=1, shuffle_buffer=16, init="caffe"), **changes}
     strategy, plan = distribute.make_strategy(2, logical_cpus[:2])
-    return train.train(Config(**settings), strategy, plan)
+    return trainer.Trainer(Config(**settings), strategy, plan).fit()
 
 
 def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_cpus):
@@ -307,7 +309,7 @@ def test_warmup_ramps_linearly_then_follows_base_lr():
 
 def test_a_resumed_run_keeps_the_plateau_state(tmp_path, logical_cpus, monkeypatch):
     """best_error, bad_epochs, lr_drops and base_lr are in the checkpoint: a resumed run goes on from them."""
-    update, seen = train.update_learning_rate, []
+    update, seen = trainer.update_learning_rate, []
 
     def force(state, base_lr, val_error, config):  # Run 1: leave values no fresh run starts with.
         update(state, base_lr, val_error, config)
@@ -321,9 +323,9 @@ def test_a_resumed_run_keeps_the_plateau_state(tmp_path, logical_cpus, monkeypat
                      **{k: float(state[k].numpy()) for k in ("best_error", "bad_epochs", "lr_drops")}})
         update(state, base_lr, val_error, config)
 
-    monkeypatch.setattr(train, "update_learning_rate", force)
+    monkeypatch.setattr(trainer, "update_learning_rate", force)
     tiny_run(tmp_path, "synthetic", logical_cpus, epochs=1)
-    monkeypatch.setattr(train, "update_learning_rate", record)
+    monkeypatch.setattr(trainer, "update_learning_rate", record)
     tiny_run(tmp_path, "synthetic", logical_cpus, epochs=2)
     assert seen == [{"base_lr": pytest.approx(0.0042), "step": 2, "best_error": 0.0, "bad_epochs": 1,
                      "lr_drops": 2}]
@@ -342,10 +344,16 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_with_that_epochs_totals
         raise KeyboardInterrupt("stopped between the last step and the epoch's end")
 
     with monkeypatch.context() as patch:
-        patch.setattr(train.Run, "end_epoch", killed)
+        patch.setattr(trainer.Trainer, "end_epoch", killed)
         with pytest.raises(KeyboardInterrupt):
             tiny_run(tmp_path, "synthetic", logical_cpus, steps_per_epoch=2, checkpoint_every=2)
     assert int(tf.train.latest_checkpoint(tmp_path / "checkpoints").rsplit("-", 1)[1]) == 2
     tiny_run(tmp_path, "synthetic", logical_cpus, steps_per_epoch=2, checkpoint_every=2)
-    history = [json.loads(line) for line in (tmp_path / train.HISTORY).read_text().splitlines()]
+    history = [json.loads(line) for line in (tmp_path / checkpoint.HISTORY).read_text().splitlines()]
     assert [(h["epoch"], h["step"], h["train"]["images"]) for h in history] == [(1, 2, 8)]
+
+
+def test_the_init_flag_offers_exactly_the_models_schemes():
+    """config.py lists the choices itself (it imports nothing downstream): they must be model.INITS's."""
+    field = next(f for f in dataclasses.fields(Config) if f.name == "init")
+    assert field.metadata["choices"] == list(model.INITS)
