@@ -15,6 +15,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -64,6 +65,17 @@ def training_checkpoint(model, optimizer, **state):
     """The tf.train.Checkpoint of a training run: the one place that names its keys."""
     return tf.train.Checkpoint(model=model, optimizer=optimizer,
                                dropout_rng=[v.value for v in model.non_trainable_variables], **state)
+
+
+def restore_training(ckpt, path):
+    """Restores every value of a training checkpoint. One that lacks a value this version keeps (written
+    by an older keras_alexnet) is refused in one line: resuming without it would not be exact."""
+    try:
+        ckpt.restore(path).assert_existing_objects_matched()
+    except AssertionError as error:
+        missing = sorted(set(re.findall(r"tf\.Variable '([^':]+)", str(error)))) or ["some values"]
+        raise ValueError(f"{path} was written by another version of keras_alexnet: it lacks {', '.join(missing)}; "
+                         "train in a new --model_dir, or start one from its weights with --init_from") from None
 
 
 def write_run_files(model_dir, config, class_names, stats):

@@ -104,7 +104,7 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=3)
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if latest:
-            ckpt.restore(latest).assert_existing_objects_matched()
+            checkpoint.restore_training(ckpt, latest)
             logging.info("resumed from %s at step %d, epoch %d", latest, self.step, self.epoch)
         if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
             checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)

@@ -357,3 +357,13 @@ def test_the_init_flag_offers_exactly_the_models_schemes():
     """config.py lists the choices itself (it imports nothing downstream): they must be model.INITS's."""
     field = next(f for f in dataclasses.fields(Config) if f.name == "init")
     assert field.metadata["choices"] == list(model.INITS)
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(tmp_path):
+    """A run directory of a version that kept no epoch_totals cannot resume exactly: one line says so."""
+    old = tf.train.Checkpoint(step=tf.Variable(3, dtype=tf.int64))
+    path = old.save(str(tmp_path / "ckpt"))
+    new = tf.train.Checkpoint(step=tf.Variable(0, dtype=tf.int64), epoch_totals=tf.Variable(tf.zeros(4), name="epoch_totals"))
+    with pytest.raises(ValueError, match=r"written by another version of keras_alexnet: it lacks epoch_totals;"):
+        checkpoint.restore_training(new, path)
+    checkpoint.restore_training(tf.train.Checkpoint(step=tf.Variable(0, dtype=tf.int64)), path)  # All there: fine.
