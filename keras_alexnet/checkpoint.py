@@ -41,7 +41,7 @@ def read_labels(path):
 
 # What a run is, checked when it resumes: (config.json key, what the flag is called).
 RUN_FACTS = [("batch_size", "--batch_size"), ("steps_per_epoch", "steps per epoch"), ("dataset", "--dataset"),
-             ("input_shape", "input size")]
+             ("input_shape", "input size"), ("mixed_precision", "--mixed_precision")]
 
 
 def check_resume(model_dir, config, class_names):
@@ -73,7 +73,8 @@ def restore_training(ckpt, path):
     try:
         ckpt.restore(path).assert_existing_objects_matched()
     except AssertionError as error:
-        missing = sorted(set(re.findall(r"tf\.Variable '([^':]+)", str(error)))) or ["some values"]
+        names = re.findall(r"tf\.Variable '([^':]+)", str(error))
+        missing = sorted({re.sub(r"/replica_\d+$", "", name) for name in names}) or ["some values"]
         raise ValueError(f"{path} was written by another version of keras_alexnet: it lacks {', '.join(missing)}; "
                          "train in a new --model_dir, or start one from its weights with --init_from") from None
 

@@ -61,7 +61,8 @@ class Config:
     pca_lighting: bool = option(True, "Fancy-PCA lighting augmentation (section 4.1).")
     shuffle_buffer: int = option(2048, "Images in the shuffle buffer (192 KiB each).")
     cache: str | None = option(None, "Cache decoded 256x256 images: 'memory' or a file path.")
-    export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends.")
+    export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends "
+                                "(python -m keras_alexnet.train).")
     init_from: str | None = option(None, "Start from the weights of this run directory (e.g. a converted "
                                    "bvlc_alexnet), every layer whose name and shape match; others start anew.")
     model: dict = dataclasses.field(default_factory=dict)  # Extra build_alexnet arguments (ablations).

@@ -123,8 +123,8 @@ def tsv_field(text):
 def write_sprite(path, thumbs):
     """Writes thumbs [N, THUMB, THUMB, 3] as a ceil(sqrt(N)) square grid; returns the tile side.
 
-    Past 128 x 128 thumbnails the tiles shrink to keep the sprite within MAX_SPRITE pixels a side;
-    the shrunk tiles together are no larger than the sprite itself."""
+    Past 16,384 thumbnails (128 a side) the tiles shrink to keep the sprite within MAX_SPRITE pixels
+    a side; the shrunk tiles together are no larger than the sprite itself."""
     columns = math.ceil(math.sqrt(len(thumbs)))
     side = min(THUMB, MAX_SPRITE // columns)
     if side != THUMB:

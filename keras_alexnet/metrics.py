@@ -47,7 +47,7 @@ def make_eval_step(strategy, model):
 
     def replica_step(images, labels):
         if images.shape.rank == 5:
-            probabilities = preprocess.average_over_views(lambda views: model(views, training=False), images)
+            probabilities = preprocess.average_over_views(lambda flat: model(flat, training=False), images)
         else:
             probabilities = model(images, training=False)
         return totals(labels, probabilities)

@@ -88,19 +88,18 @@ def query_caption(file):
 def grid_image(query_thumbs, index_thumbs, rows, captions):
     """Figure 4's layout: one row per query, its thumbnail, QUERY_GAP white pixels, then its neighbours'
     thumbnails GAP apart, closest first; `captions[r][c]` are the lines of text under tile c of row r."""
-    side = index_thumbs.shape[1]
-    queries = [captioned(Image.fromarray(q).resize((side, side), Image.Resampling.LANCZOS), lines[0])
+    side, font = index_thumbs.shape[1], ImageFont.load_default()
+    queries = [captioned(Image.fromarray(q).resize((side, side), Image.Resampling.LANCZOS), lines[0], font)
                for q, lines in zip(query_thumbs, captions)]
-    neighbours = [captioned(Image.fromarray(index_thumbs[i]), lines)
+    neighbours = [captioned(Image.fromarray(index_thumbs[i]), lines, font)
                   for row, row_captions in zip(rows, captions) for i, lines in zip(row, row_captions[1:])]
     left = figures.grid(queries, 1, gap=GAP)
     right = figures.grid(neighbours, rows.shape[1], gap=GAP)
     return np.concatenate([left, np.full((len(left), QUERY_GAP, 3), 255, np.uint8), right], 1)
 
 
-def captioned(tile, lines):
+def captioned(tile, lines, font):
     """uint8 [side + 2 lines, side, 3]: the tile with its lines of text below it, cut to its width."""
-    font = ImageFont.load_default()
     line = font.getbbox("Ag")[3] + 2
     image = Image.new("RGB", (tile.width, tile.height + 2 * line), "white")
     image.paste(tile, (0, 0))

@@ -2,8 +2,9 @@
 
 An encoded image is checked by its header, decoded, its shorter side rescaled to 256 and its central
 256x256 patch kept (section 2); the network sees 227x227 crops of it minus the mean image: the centre
-crop, the 10-crop test, or a random crop with a flip and the fancy-PCA lighting change (section 4.1).
-`Stats` holds the data statistics these need. export and embed use this module alone.
+crop, the 10-crop test (whose softmax outputs `average_over_views` averages), or a random crop with a
+flip and the fancy-PCA lighting change (section 4.1). `Stats` holds the data statistics these need.
+It imports nothing of the package: serving (export) and the tools need no more of it.
 """
 import dataclasses
 import io

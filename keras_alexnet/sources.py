@@ -121,30 +121,34 @@ def _folder_source(root, split, val_fraction, seed, class_names):
 
 
 def _class_folders(root):
-    """The sorted names of the folders in `root`: its classes."""
+    """The sorted names of the folders in `root` but hidden ones (".git"): its classes."""
     entries = sorted(tf.io.gfile.listdir(root))
-    return [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(root, e))]
+    return [e.rstrip("/") for e in entries if not e.startswith(".") and tf.io.gfile.isdir(os.path.join(root, e))]
 
 
-def list_images(folder):
-    """Sorted (path relative to `folder`, label) of the image files at any depth below `folder`, a
-    folder's files before its subfolders'. The label is the name of the folder holding the file, so a
-    folder of class folders gives class names and a flat folder its own name. Names with an image
-    extension are taken for files unchecked: one listing a folder, even on GCS."""
+def list_images(folder, max_depth=None):
+    """Sorted (path relative to `folder`, label) of the image files below `folder`, a folder's files
+    before its subfolders', down to `max_depth` folders deep (None: all). The label is the name of the
+    folder holding the file: class folders give class names, a flat folder its own name. Hidden names
+    are skipped; a name with an image extension is taken for a file unchecked (a folder costs one
+    listing, even on GCS); a folder reached twice through links is read once."""
     if not tf.io.gfile.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a directory")
-    found = []
+    found, seen = [], set()
 
-    def visit(relative, label):
-        entries = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(os.path.join(folder, relative))
-                         if not e.startswith("."))
-        images = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
-        found.extend((os.path.join(relative, name), label) for name in images)
-        for name in entries:
-            if name not in images and tf.io.gfile.isdir(os.path.join(folder, relative, name)):
-                visit(os.path.join(relative, name), name)
+    def visit(relative, label, depth):
+        here = os.path.join(folder, relative)
+        if os.path.realpath(here) in seen:
+            return
+        seen.add(os.path.realpath(here))
+        entries = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(here) if not e.startswith("."))
+        is_image = [e.lower().endswith(IMAGE_EXTENSIONS) for e in entries]
+        found.extend((os.path.join(relative, name), label) for name, image in zip(entries, is_image) if image)
+        for name, image in zip(entries, is_image):
+            if not image and depth != max_depth and tf.io.gfile.isdir(os.path.join(here, name)):
+                visit(os.path.join(relative, name), name, depth + 1)
 
-    visit("", os.path.basename(os.path.normpath(folder)))
+    visit("", os.path.basename(os.path.normpath(folder)), 0)
     if not found:
         raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return found
@@ -157,8 +161,9 @@ def _class_images(root):
         what = "files but no class subfolders" if tf.io.gfile.listdir(root) else "nothing"
         raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
     by_name = {name: label for label, name in enumerate(class_names)}
-    images = [(os.path.join(root, path), by_name[name]) for path, name in list_images(root)
+    images = [(os.path.join(root, path), by_name[name]) for path, name in list_images(root, max_depth=1)
               if os.path.dirname(path) == name]
+    images.sort(key=lambda image: image[1])  # Stable: in class order, as _class_folders sorts them.
     if not images:
         raise DataError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     paths, labels = zip(*images)

@@ -5,6 +5,7 @@ runs the trainer (trainer.py) and exports the result (export.py). Stop it with C
 run the same command again to resume.
 """
 import os
+import shlex
 import sys
 
 from absl import app
@@ -25,8 +26,10 @@ def print_next_steps(config, exported):
     print(f"  {python} -m keras_alexnet.evaluate --model_dir={model_dir}      # centre-crop and 10-crop error")
     if exported:
         print(f"  saved_model_cli show --dir {exported} --all")
-        print(f"  {python} -m keras_alexnet.embed --saved_model={exported} --dataset={config.dataset} "
-              f"--logdir={model_dir}/embeddings --max_images=500")
+        data_dir = f" --data_dir={shlex.quote(config.data_dir)}" if config.data_dir else ""
+        print(f"  {python} -m keras_alexnet.embed --saved_model={shlex.quote(exported)} "
+              f"--dataset={shlex.quote(config.dataset)}{data_dir} --logdir={shlex.quote(model_dir)}/embeddings "
+              "--max_images=500")
     print(f"  tensorboard --logdir={model_dir}      # curves, histograms, conv1 kernels, the projector")
 
 

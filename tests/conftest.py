@@ -70,7 +70,7 @@ def final_digest():
 
 
 def write_run(model_dir, model, model_kwargs, class_names, step=7, stats=None, **config):
-    """A training run directory as train.py leaves it: config.json (`config` and `model`: model_kwargs),
+    """A training run directory as a training run leaves it: config.json (`config` and `model`: model_kwargs),
     labels.txt, stats.npz (ImageNet's by default) and one checkpoint of `model` at `step`."""
     checkpoint.write_run_files(str(model_dir), {**config, "model": model_kwargs}, class_names,
                                stats or preprocess.Stats.imagenet())

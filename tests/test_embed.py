@@ -301,7 +301,7 @@ def test_grid_lays_tiles_out_row_major_with_gaps():
     assert (image[2] == 255).all() and (image[:, 3] == 255).all() and (image[6:, 4:] == 255).all()
     # A tower whose last row is not full: tower B still starts on a row of its own.
     kernels = [np.full((11, 11, 3, 48), 0.0), np.full((11, 11, 3, 48), 0.0)]
-    kernels[1][0, 0, 0] = 1.0  # Each B kernel: one white-red corner pixel, the rest black.
+    kernels[1][0, 0, 0] = 1.0  # Each B kernel: one red corner pixel, the rest black.
     grid = figures.kernel_grid(kernels, columns=10, scale=1)
     assert grid.shape == (10 * 12 - 1, 10 * 12 - 1, 3)  # 5 rows of 10 a tower.
     assert (grid[4 * 12:5 * 12 - 1, 8 * 12:] == 255).all()  # Tower A's two empty places are blank.

@@ -42,7 +42,7 @@ def stats():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, stats):
-    """A training run directory at step 7, as train.py leaves it."""
+    """A training run directory at step 7, as a training run leaves it."""
     model_dir = tmp_path_factory.mktemp("run")
     model = build_alexnet(**MODEL)
     return write_run(model_dir, model, MODEL, CLASSES, step=STEP, stats=stats), model

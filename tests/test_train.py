@@ -161,7 +161,7 @@ def test_bad_input_stops_with_one_line_and_no_traceback(tmp_path):
 
 
 def test_sigkill_mid_epoch_then_resume(tmp_path, final_digest):
-    """A run killed with SIGKILL resumes from its last checkpoint and completes."""
+    """A run killed with SIGKILL resumes from its last checkpoint, completes and exports (--export_dir)."""
     args = [*FAST, f"--model_dir={tmp_path}", "--epochs=2", "--checkpoint_every=2"]
     process = subprocess.Popen([sys.executable, "-m", "keras_alexnet.train", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -174,10 +174,13 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, final_digest):
         process.wait()
     saved = int(tf.train.latest_checkpoint(tmp_path / "checkpoints").rsplit("-", 1)[1])
     assert 2 <= saved < 8
-    result = run_trainer(tmp_path, "--epochs=2", "--checkpoint_every=2")
+    export_dir = tmp_path / "export"  # Not a fact of the run: a resumed run may add it.
+    result = run_trainer(tmp_path, "--epochs=2", "--checkpoint_every=2", f"--export_dir={export_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and f"at step {saved}" in result.stderr
     assert final_digest(result.stdout)[1] == 8
+    assert (export_dir / "8" / "saved_model.pb").is_file() and f"exported a SavedModel to {export_dir}/8" in result.stdout
+    assert f"-m keras_alexnet.embed --saved_model={export_dir}/8 --dataset=synthetic" in result.stdout
     assert json.loads((tmp_path / "config.json").read_text())["model"]["num_classes"] == 10
     assert len((tmp_path / "labels.txt").read_text().splitlines()) == 10
 
