@@ -18,8 +18,6 @@ a matmul with a banded C x C matrix of ones, which is what CPUs and GPUs do fast
 rsqrt(d) * rsqrt(sqrt(d)), cheaper and as accurate as pow. Half-precision inputs are computed in float32
 (float64 ones in float64) and returned in their own dtype.
 """
-import functools
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -44,34 +42,24 @@ def local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0
     """Functional LRN over the last axis of `x`; same arguments and result as the tf.nn op."""
     dtype = x.dtype
     x = tf.cast(x, tf.float64 if dtype == tf.float64 else tf.float32)
-    lrn = _lrn_function(x.shape[-1], x.dtype, int(depth_radius), float(bias), float(alpha), float(beta))
-    return tf.cast(tf.reshape(lrn(tf.reshape(x, [-1, x.shape[-1]])), tf.shape(x)), dtype)
+    band = tf.cast(_band(x.shape[-1], depth_radius), x.dtype)
 
+    def window_sum(t):
+        flat = tf.reshape(t, [-1, t.shape[-1]])
+        return tf.reshape(tf.matmul(flat, band), tf.shape(t))
 
-@functools.cache
-def _lrn_function(channels, dtype, depth_radius, bias, alpha, beta):
-    """The LRN of [N, channels] rows as a tf.function with its own gradient, traced once per argument set.
-
-    tf.custom_gradient registers the gradient of every graph it is traced in for the life of the
-    process, and the registration holds that graph: traced inside a model's step it would keep the
-    model's weights alive after the model is gone (232 MB a trace). Traced here, apart from any model,
-    it holds a graph of a few ops, once per layer shape and constants.
-    """
-
-    @tf.function(input_signature=[tf.TensorSpec([None, channels], dtype)])
     @tf.custom_gradient
     def lrn(a):
-        band = tf.cast(_band(channels, depth_radius), dtype)  # Built in the graph, on the caller's device.
-        d = bias + alpha * tf.matmul(tf.square(a), band)
+        d = bias + alpha * window_sum(tf.square(a))
         scale = _inverse_power(d, beta)
         b = a * scale
 
         def grad(g):
-            return g * scale - (2.0 * alpha * beta) * a * tf.matmul(g * b / d, band)
+            return g * scale - (2.0 * alpha * beta) * a * window_sum(g * b / d)
 
         return b, grad
 
-    return lrn
+    return tf.cast(lrn(x), dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_alexnet")

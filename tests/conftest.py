@@ -69,17 +69,6 @@ def final_digest():
     return parse
 
 
-def traced_ops(concrete_function):
-    """The NodeDefs of a traced function and of every function it calls (the LRN is a tf.function)."""
-    graph_def = concrete_function.graph.as_graph_def()
-    return [*graph_def.node, *(node for function in graph_def.library.function for node in function.node_def)]
-
-
-def dtypes_of(node):
-    return {value.type for value in node.attr.values() if value.type} | \
-        {t for value in node.attr.values() for t in value.list.type}
-
-
 def write_run(model_dir, model, model_kwargs, class_names, step=7, stats=None, **config):
     """A training run directory as a training run leaves it: config.json (`config` and `model`: model_kwargs),
     labels.txt, stats.npz (ImageNet's by default) and one checkpoint of `model` at `step`."""

@@ -101,15 +101,15 @@ def test_fc7_feature_model_is_the_concatenated_post_relu_halves(alexnet):
 
 
 def op_devices(concrete_function):
-    return {op.name: tf.DeviceSpec.from_string(op.device).device_index for op in concrete_function.graph.get_operations()
-            if op.type in ("Conv2D", "MatMul", "PartitionedCall")}  # The LRN is a tf.function: a call.
+    return {op.name: tf.DeviceSpec.from_string(op.device).device_index
+            for op in concrete_function.graph.get_operations() if op.type in ("Conv2D", "MatMul")}
 
 
 def test_towers_run_on_their_own_devices(logical_cpus):
     model = build_alexnet(10, tower_devices=(logical_cpus[0], logical_cpus[1]), seed=0)
     forward = tf.function(lambda x: model(x, training=True))
     devices = op_devices(forward.get_concrete_function(tf.TensorSpec([2, 227, 227, 3])))
-    assert len(devices) == 19  # Per tower 5 convolutions, 2 LRNs, fc6, fc7; and fc8.
+    assert len(devices) == 19  # Per tower 5 convolutions, 2 LRN window sums, fc6, fc7; and fc8.
     for name, device in devices.items():
         tower = re.search(r"(conv\d|fc\d|lrn\d)_(a|b)", name)
         assert device == (1 if tower and tower.group(2) == "b" else 0), name  # fc8 sits on tower A's.
