@@ -126,9 +126,9 @@ def _class_folders(root):
     return [e.rstrip("/") for e in entries if not e.startswith(".") and tf.io.gfile.isdir(os.path.join(root, e))]
 
 
-def list_images(folder, max_depth=None):
-    """Sorted (path relative to `folder`, label) of the image files below `folder`, a folder's files
-    before its subfolders', down to `max_depth` folders deep (None: all). The label is the name of the
+def list_images(folder):
+    """Sorted (path relative to `folder`, label) of the image files at any depth below `folder`, a
+    folder's files before its subfolders' (embed, neighbors, predict). The label is the name of the
     folder holding the file: class folders give class names, a flat folder its own name. Hidden names
     are skipped; a name with an image extension is taken for a file unchecked (a folder costs one
     listing, even on GCS); a folder reached twice through links is read once."""
@@ -136,38 +136,44 @@ def list_images(folder, max_depth=None):
         raise FileNotFoundError(f"{folder} is not a directory")
     found, seen = [], set()
 
-    def visit(relative, label, depth):
+    def visit(relative, label):
         here = os.path.join(folder, relative)
         if os.path.realpath(here) in seen:
             return
         seen.add(os.path.realpath(here))
         entries = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(here) if not e.startswith("."))
-        is_image = [e.lower().endswith(IMAGE_EXTENSIONS) for e in entries]
+        is_image = [_is_image(e) for e in entries]
         found.extend((os.path.join(relative, name), label) for name, image in zip(entries, is_image) if image)
         for name, image in zip(entries, is_image):
-            if not image and depth != max_depth and tf.io.gfile.isdir(os.path.join(here, name)):
-                visit(os.path.join(relative, name), name, depth + 1)
+            if not image and tf.io.gfile.isdir(os.path.join(here, name)):
+                visit(os.path.join(relative, name), name)
 
-    visit("", os.path.basename(os.path.normpath(folder)), 0)
+    visit("", os.path.basename(os.path.normpath(folder)))
     if not found:
         raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return found
 
 
+def _is_image(name):
+    """Whether a file name is an image's: a known extension and not hidden."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 def _class_images(root):
-    """(class names, paths, labels) of the images directly in root's class folders."""
+    """(class names, paths, labels) of the images directly in root's class folders: one listing a
+    class (an empty class folder is still a class)."""
     class_names = _class_folders(root)
     if not class_names:
         what = "files but no class subfolders" if tf.io.gfile.listdir(root) else "nothing"
         raise DataError(f"{root} holds {what}: expected {root}/<class name>/<image files>")
-    by_name = {name: label for label, name in enumerate(class_names)}
-    images = [(os.path.join(root, path), by_name[name]) for path, name in list_images(root, max_depth=1)
-              if os.path.dirname(path) == name]
-    images.sort(key=lambda image: image[1])  # Stable: in class order, as _class_folders sorts them.
-    if not images:
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        files = sorted(f.rstrip("/") for f in tf.io.gfile.listdir(os.path.join(root, name)))
+        paths += [os.path.join(root, name, file) for file in files if _is_image(file)]
+        labels += [label] * (len(paths) - len(labels))
+    if not paths:
         raise DataError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
-    paths, labels = zip(*images)
-    return class_names, list(paths), list(labels)
+    return class_names, paths, labels
 
 
 def _path_fraction(path):
