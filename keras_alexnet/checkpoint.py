@@ -83,7 +83,8 @@ def write_run_files(model_dir, config, class_names, stats):
     """Writes config.json, labels.txt and stats.npz beside the checkpoints (each to a temporary name
     first, so a crash leaves no half-written file)."""
     tf.io.gfile.makedirs(model_dir)
-    for name, write in [(STATS, stats.save), (LABELS, lambda path: write_labels(path, class_names)),
+    stats.save(os.path.join(model_dir, STATS))  # It writes a temporary file itself.
+    for name, write in [(LABELS, lambda path: write_labels(path, class_names)),
                         (CONFIG, lambda path: _write_json(path, config))]:  # config.json last: it marks a run.
         write(os.path.join(model_dir, f".{name}.tmp"))
         tf.io.gfile.rename(os.path.join(model_dir, f".{name}.tmp"), os.path.join(model_dir, name), overwrite=True)
