@@ -62,12 +62,12 @@ class Trainer:
         self.train_loop = make_train_loop(make_train_step(strategy, self.model, self.optimizer, config),
                                           self.state["step"])
         self.eval_step = metrics.make_eval_step(strategy, self.model)
+        if config.cache:  # Said before the validation pipeline fills its cache, below.
+            print(f"first, {self.train_source.num_examples} training and {self.val_source.num_examples} "
+                  f"validation images are decoded into the {config.cache} cache", flush=True)
         self.val_data = strategy.distribute_datasets_from_function(
             lambda ctx: data.eval_pipeline(self.val_source, config.batch_size, self.stats, input_context=ctx,
                                            steps=config.eval_steps, cache=config.cache))
-        if config.cache:
-            print(f"first, {self.train_source.num_examples} training and {self.val_source.num_examples} "
-                  f"validation images are decoded into the {config.cache} cache", flush=True)
 
     def fit(self):
         """The epochs left to train; returns the last validation metrics ({} when none were left)."""
@@ -81,8 +81,6 @@ class Trainer:
         config = self.config
         with self.strategy.scope():
             self.model = build_alexnet(**model_kwargs, tower_devices=plan, seed=config.seed)
-            if config.init_from:  # A resumed run's checkpoint then replaces these weights.
-                checkpoint.load_matching_weights(self.model, config.init_from)
             self.base_lr = tf.Variable(config.learning_rate, trainable=False, name="base_lr")
             self.optimizer = keras.optimizers.SGD(
                 WarmupThenPlateau(self.base_lr, config.warmup_epochs * self.steps_per_epoch),
@@ -106,6 +104,8 @@ class Trainer:
         if latest:
             checkpoint.restore_training(ckpt, latest)
             logging.info("resumed from %s at step %d, epoch %d", latest, self.step, self.epoch)
+        elif config.init_from:  # A new run only: a resumed one has its own weights.
+            checkpoint.load_matching_weights(self.model, config.init_from)
         if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
             checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)
 
