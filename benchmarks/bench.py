@@ -13,7 +13,6 @@ imagenette2_224_subset; the rows that need it are skipped, one printed line each
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import tempfile
@@ -24,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import checkpoint, data, distribute, export, lrn, preprocess, sources
+from keras_alexnet import data, distribute, export, lrn, preprocess, sources
 from keras_alexnet.config import Config
 from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
 from keras_alexnet.step import make_train_loop, make_train_step
@@ -240,9 +239,9 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
         with tempfile.TemporaryDirectory() as model_dir:
             config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
                             eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
-            Trainer(config, _new_strategy(list(plan)), plan).fit()
-            with open(os.path.join(model_dir, checkpoint.HISTORY)) as f:
-                speed = [json.loads(line) for line in f][-1]["images_per_second"]
+            trainer = Trainer(config, _new_strategy(list(plan)), plan)
+            trainer.fit()
+            speed = trainer.progress.speed  # The epoch's img/s, as history.jsonl records it.
         after = bare_speed()
         reference, before = max(before, after), after
         rows.append({"what": f"training loop, batch {batch_size}, --steps_per_loop={loop} ({IMAGENETTE} in memory) "
