@@ -33,7 +33,7 @@ from PIL import Image
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import cli, figures, preprocess, sources, summaries
+from keras_alexnet import cli, export, figures, preprocess, sources, summaries
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
@@ -44,10 +44,7 @@ THUMB, MAX_SPRITE = 64, 8192  # Thumbnail side and the projector's largest sprit
 
 def load_features(saved_model):
     """A function from uint8 crops [n, 227, 227, 3] to their fc7 rows, float32 numpy [n, 4096]."""
-    signatures = tf.saved_model.load(saved_model).signatures
-    if SIGNATURE not in signatures:
-        raise ValueError(f"{saved_model} has no {SIGNATURE!r} signature (found: {', '.join(signatures)})")
-    signature = signatures[SIGNATURE]
+    signature = export.load_signature(saved_model, SIGNATURE)[1]
     return lambda crops: signature(images=tf.cast(crops, tf.float32))["fc7"].numpy()
 
 

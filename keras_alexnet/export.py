@@ -132,6 +132,14 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=pre
 SIGNATURES = ("serving_default", "features", "predict_images", "features_images")
 
 
+def load_signature(saved_model, name):
+    """(the loaded SavedModel, its signature `name`), or a ValueError naming the signatures it has."""
+    loaded = tf.saved_model.load(saved_model)
+    if name not in loaded.signatures:
+        raise ValueError(f"{saved_model} has no {name!r} signature (found: {', '.join(loaded.signatures)})")
+    return loaded, loaded.signatures[name]
+
+
 def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False,
                        max_megapixels=preprocess.MAX_MEGAPIXELS):
     """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path.

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, sources
+from keras_alexnet import checkpoint, cli, export, sources, summaries
 
 SIGNATURE = "predict_images"
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -54,16 +54,13 @@ def list_files(paths):
 
 def load(saved_model, ten_crop=False):
     """(predict_images signature, class names, whether it averages 10 crops) of an export."""
-    loaded = tf.saved_model.load(saved_model)
-    if SIGNATURE not in loaded.signatures:
-        raise ValueError(f"{saved_model} has no {SIGNATURE!r} signature "
-                         f"(found: {', '.join(loaded.signatures)})")
+    loaded, signature = export.load_signature(saved_model, SIGNATURE)
     exported_ten_crop = bool(getattr(loaded, "ten_crop", tf.constant(False)).numpy())
     if ten_crop and not exported_ten_crop:
         raise ValueError(f"{saved_model} was not exported with --ten_crop: its {SIGNATURE} takes the centre "
                          "crop. Export again with `python -m keras_alexnet.export ... --ten_crop`, or drop --ten_crop")
     labels = checkpoint.read_labels(os.path.join(saved_model, "assets", checkpoint.LABELS))
-    return loaded.signatures[SIGNATURE], labels, exported_ten_crop
+    return signature, labels, exported_ten_crop
 
 
 def classify(signature, batch, skipped):
@@ -95,7 +92,7 @@ class Progress:
     """A bar on a terminal, else "batch i/n" lines on stderr; nothing for a single batch."""
 
     def __init__(self, batches):
-        self.batches, self.tty = batches, sys.stdout.isatty()
+        self.batches, self.tty = batches, summaries.is_terminal()
 
     def clear(self):
         if self.batches > 1 and self.tty:
