@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import checkpoint, distribute, model, trainer
+from keras_alexnet import checkpoint, distribute, model, summaries, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet
 from keras_alexnet.step import (TrainingStuck, WarmupThenPlateau, check_stuck, is_stuck, make_train_step,
@@ -308,6 +308,24 @@ def test_warmup_ramps_linearly_then_follows_base_lr():
     no_warmup = WarmupThenPlateau(base_lr, 0)
     base_lr.assign(0.5)
     assert float(no_warmup(0)) == float(no_warmup(1000)) == 0.5
+
+
+@pytest.mark.parametrize("values", [np.random.default_rng(0).normal(size=3_000_000).astype(np.float32),
+                                    np.float32(0.1) + np.arange(7, dtype=np.float32) * np.float32(7.5e-9)],
+                         ids=["3M_normal", "a_bias_0.1_plus_1e-8"])
+def test_epoch_histograms_are_numpys_exact_counts(tmp_path, values):
+    """summaries.histogram, chunk by chunk, writes what numpy counts in one piece, even over a range
+    float32 cannot cut into 30 buckets (a bias after a few small steps)."""
+    with tf.summary.create_file_writer(str(tmp_path)).as_default():
+        assert summaries.histogram("w", values, step=1)
+    events = [tf.compat.v1.Event.FromString(record.numpy())
+              for record in tf.data.TFRecordDataset([str(path) for path in tmp_path.iterdir()])]
+    [value] = [value for event in events for value in event.summary.value]
+    buckets = tf.make_ndarray(value.tensor)
+    counts, edges = np.histogram(values.astype(np.float64), summaries.HISTOGRAM_BINS)
+    np.testing.assert_array_equal(buckets[:, 2], counts)
+    np.testing.assert_allclose(buckets[:, 0], edges[:-1], rtol=1e-12)
+    assert value.metadata.plugin_data.plugin_name == "histograms"
 
 
 def test_a_resumed_run_keeps_the_plateau_state(tmp_path, logical_cpus, monkeypatch):
