@@ -310,12 +310,12 @@ def test_warmup_ramps_linearly_then_follows_base_lr():
     assert float(no_warmup(0)) == float(no_warmup(1000)) == 0.5
 
 
-@pytest.mark.parametrize("values", [np.random.default_rng(0).normal(size=3_000_000).astype(np.float32),
-                                    np.float32(0.1) + np.arange(7, dtype=np.float32) * np.float32(7.5e-9)],
-                         ids=["3M_normal", "a_bias_0.1_plus_1e-8"])
+@pytest.mark.parametrize("values", ["3M_normal", "a_bias_0.1_plus_1e-8"])
 def test_epoch_histograms_are_numpys_exact_counts(tmp_path, values):
     """summaries.histogram, chunk by chunk, writes what numpy counts in one piece, even over a range
     float32 cannot cut into 30 buckets (a bias after a few small steps)."""
+    values = (np.random.default_rng(0).normal(size=3_000_000).astype(np.float32) if values == "3M_normal"
+              else np.float32(0.1) + np.arange(7, dtype=np.float32) * np.float32(7.5e-9))
     with tf.summary.create_file_writer(str(tmp_path)).as_default():
         assert summaries.histogram("w", values, step=1)
     events = [tf.compat.v1.Event.FromString(record.numpy())
