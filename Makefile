@@ -22,8 +22,9 @@ DEMO := --dataset=synthetic --model_dir=runs/demo --epochs=3 --steps_per_epoch=3
 train: install
 	$(PY) -m keras_alexnet.train $(DEMO)
 
+# Passed tests' directories are removed at the end (a session writes ~18 GB of checkpoints to /tmp).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -o tmp_path_retention_policy=failed
 
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_FLAGS)
