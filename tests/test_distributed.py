@@ -102,15 +102,24 @@ def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towe
     assert_same_computation(weights, plan_a[0])
 
 
+def model_and_sgd(strategy, plan, config, num_classes=10, init="paper", seed=3, loss_scale=False):
+    """AlexNet without dropout and SGD with momentum, built in `strategy`'s scope as the trainer
+    builds them (loss_scale: wrapped in LossScaleOptimizer, as for mixed_float16)."""
+    with strategy.scope():
+        model = build_alexnet(num_classes, tower_devices=plan, dropout_rate=0.0, init=init, seed=seed)
+        optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
+        if loss_scale:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
 def one_step(devices, towers_per_replica, images, labels):
     """The momentum slots after one training step on the global batch (images, labels): from zero, a
     slot is then the step itself, w1 - w0 = -lr (dL/dw + decay w)."""
     config = Config(**RUN)
     strategy, plan = new_strategy(towers_per_replica, devices)
-    with strategy.scope():
-        model = build_alexnet(10, tower_devices=plan, dropout_rate=0.0, init=config.init, seed=config.seed)
-        optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
-        optimizer.build(model.trainable_variables)
+    model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed)
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(config.batch_size)
     make_train_step(strategy, model, optimizer, config)(*next(iter(strategy.experimental_distribute_dataset(batches))))
     return [m.numpy() for m in optimizer.momentums]
@@ -166,10 +175,15 @@ def plan_d(tmp_path_factory, free_port):
     return outputs, model_dir
 
 
+def assert_workers_agree(outputs, final_digest):
+    """Both workers printed one final digest, at step 6: their mirrored weights ended bit-identical."""
+    digests = [final_digest(out) for out in outputs]
+    assert digests[0] == digests[1] and digests[0][1] == 6, digests
+
+
 def test_two_workers_compute_what_one_replica_does(plan_a, plan_d, final_digest):
     outputs, model_dir = plan_d
-    digests = [final_digest(out) for out in outputs]
-    assert digests[0] == digests[1] and digests[0][1] == 6
+    assert_workers_agree(outputs, final_digest)
     assert not list(model_dir.glob(".worker*"))
     assert_same_computation(final_checkpoint(model_dir), plan_a[0])
 
@@ -189,8 +203,7 @@ def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_por
     assert len(stopped) == 2 and stopped[0] == stopped[1] < 6, outputs
     assert int(tf.train.latest_checkpoint(tmp_path / "checkpoints").rsplit("-", 1)[1]) == stopped[0]
     resumed = finish(start_workers(tmp_path, [free_port(), free_port()], "--steps_per_loop=1"))
-    digests = [final_digest(out) for out in resumed]
-    assert digests[0] == digests[1] and digests[0][1] == 6
+    assert_workers_agree(resumed, final_digest)
     # Bit-identical to plan (d) in every run alone; within a full suite, 3 of ~9 runs of (d) or of this
     # test ended a rounding away (one conv1 slot off by 1e-7 of itself). BUILD.md, "Two workers".
     assert_same_computation(final_checkpoint(tmp_path), final_checkpoint(plan_d[1]))
@@ -237,12 +250,8 @@ def decay_only_step(policy_name, logical_cpus):
     keras.mixed_precision.set_dtype_policy(policy_name)
     strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
     config = Config(batch_size=2, dropout_rate=0.0, learning_rate=0.1, weight_decay=0.01, momentum=0.9)
-    with strategy.scope():
-        model = build_alexnet(10, tower_devices={logical_cpus[0]: logical_cpus[:2]}, dropout_rate=0.0, seed=3)
-        optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
-        if policy_name == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
+    model, optimizer = model_and_sgd(strategy, {logical_cpus[0]: logical_cpus[:2]}, config,
+                                     loss_scale=policy_name == "mixed_float16")
     model.get_layer("fc8").layer.bias.assign(np.eye(10)[0] * 1000)
     before = [v.numpy() for v in model.trainable_variables]
     step = make_train_step(strategy, model, optimizer, config)
@@ -263,14 +272,9 @@ def test_mixed_float16_decays_unscaled_gradients_exactly_as_float32(policy, logi
 def test_mixed_precision_steps_learn_with_lrn_in_float32(policy, policy_name, logical_cpus):
     keras.mixed_precision.set_dtype_policy(policy_name)
     strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
-    config = Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01)
-    with strategy.scope():
-        model = build_alexnet(4, tower_devices={logical_cpus[0]: logical_cpus[:2]}, dropout_rate=0.0,
-                              init="caffe", seed=3)
-        optimizer = keras.optimizers.SGD(config.learning_rate, momentum=0.9)
-        if policy_name == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
+    config = Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9)
+    model, optimizer = model_and_sgd(strategy, {logical_cpus[0]: logical_cpus[:2]}, config, num_classes=4,
+                                     init="caffe", loss_scale=policy_name == "mixed_float16")
     step = make_train_step(strategy, model, optimizer, config)
     images = tf.random.stateless_normal([4, 227, 227, 3], [0, 3], stddev=50)
     labels = tf.constant([0, 1, 2, 3])
