@@ -7,9 +7,10 @@
       checkpoints/    tf.train.CheckpointManager checkpoints: model, optimizer, step, loop state
       history.jsonl   one JSON line per epoch: train and validation metrics, images/s
 
-A run directory knows what it is: a resumed run must have the batch size, steps per epoch, dataset,
-classes and input size it was created with (`check_resume`), and config.json and labels.txt are
-written once, when the run is created.
+A run directory knows what it is: a resumed run must compute what it was created to compute (data,
+classes, batch, seed, update rule, augmentation, network: `check_resume`); the flags a resume may
+change (epochs, learning rate, ...) are recorded in config.json with the step they took effect at.
+labels.txt and stats.npz are written once, when the run is created.
 """
 import collections
 import hashlib
@@ -39,26 +40,45 @@ def read_labels(path):
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-# What a run is, checked when it resumes: (config.json key, what the flag is called).
-RUN_FACTS = [("batch_size", "--batch_size"), ("steps_per_epoch", "steps per epoch"), ("dataset", "--dataset"),
-             ("input_shape", "input size"), ("mixed_precision", "--mixed_precision")]
+# Flags a resume may change: they take effect from the step it resumes at, and config.json records
+# each change in "changes". Every other value of config.json is what the run computes (its data, seed,
+# update rule, augmentation, network): a resume with another one is refused (README, "Resuming").
+RESUMABLE = ("model_dir", "epochs", "learning_rate", "checkpoint_every", "steps_per_loop", "eval_steps",
+             "lr_patience", "max_lr_drops", "stuck_steps", "export_dir", "cache", "data_dir", "cpu_devices",
+             "towers_per_replica", "jit_compile", "deterministic")
+NAMES = {"steps_per_epoch": "steps per epoch", "input_shape": "input size", "model": "network"}
 
 
 def check_resume(model_dir, config, class_names):
-    """Raises ValueError naming both values where `config` (as written by the trainer) or the class
-    names differ from the run's own; no-op for a new run."""
+    """The changes [(key, run's value, new value)] of RESUMABLE flags that `config` (as written by the
+    trainer) makes to the run in `model_dir`; a ValueError naming both values where it changes
+    anything else, or the class names. [] for a new run."""
     if not tf.io.gfile.exists(os.path.join(model_dir, CONFIG)):
-        return
+        return []
     run = read_run_files(model_dir)
-    for key, name in RUN_FACTS:
-        if key in run.config and run.config[key] != config[key]:
-            raise ValueError(f"{model_dir} was trained with {name} {run.config[key]}, not {config[key]}: "
-                             "resume with the same value, or use a new --model_dir")
-    if run.class_names != list(class_names):
-        ours, theirs = set(run.class_names), set(class_names)
-        differ = sorted(ours ^ theirs) or ["the same names in another order"]
-        raise ValueError(f"{model_dir} was trained on other classes than this dataset's "
-                         f"({', '.join(differ)}): use a new --model_dir")
+    changes = []
+    for key in [key for key in config if key != "model"] + ["classes", "model"]:  # The network by its classes.
+        if key == "classes" and run.class_names != list(class_names):
+            differ = sorted(set(run.class_names) ^ set(class_names)) or ["the same names in another order"]
+            raise ValueError(f"{model_dir} was trained on other classes than this dataset's "
+                             f"({', '.join(differ)}): use a new --model_dir")
+        if key not in run.config or run.config[key] == config[key]:
+            continue
+        if key not in RESUMABLE:
+            raise ValueError(f"{model_dir} was trained with {NAMES.get(key, '--' + key)} {run.config[key]}, not "
+                             f"{config[key]}: resume with the same value, or use a new --model_dir")
+        changes.append((key, run.config[key], config[key]))
+    return changes
+
+
+def record_changes(model_dir, changes, step):
+    """Writes the new values of `changes` (check_resume's) into config.json, each also listed under
+    "changes" with the step it took effect at."""
+    run = read_run_files(model_dir).config
+    run.update({key: new for key, _, new in changes})
+    run["changes"] = run.get("changes", []) + [{"step": step, "flag": key, "was": old, "now": new}
+                                                for key, old, new in changes]
+    _write_atomically(os.path.join(model_dir, CONFIG), lambda path: _write_json(path, run))
 
 
 def training_checkpoint(model, optimizer, **state):
@@ -84,10 +104,15 @@ def write_run_files(model_dir, config, class_names, stats):
     first, so a crash leaves no half-written file)."""
     tf.io.gfile.makedirs(model_dir)
     stats.save(os.path.join(model_dir, STATS))  # It writes a temporary file itself.
-    for name, write in [(LABELS, lambda path: write_labels(path, class_names)),
-                        (CONFIG, lambda path: _write_json(path, config))]:  # config.json last: it marks a run.
-        write(os.path.join(model_dir, f".{name}.tmp"))
-        tf.io.gfile.rename(os.path.join(model_dir, f".{name}.tmp"), os.path.join(model_dir, name), overwrite=True)
+    _write_atomically(os.path.join(model_dir, LABELS), lambda path: write_labels(path, class_names))
+    _write_atomically(os.path.join(model_dir, CONFIG), lambda path: _write_json(path, config))  # Marks a run.
+
+
+def _write_atomically(path, write):
+    """write(temporary path), then the rename to `path`: a crash leaves the old file or the new one."""
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    write(temporary)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def _write_json(path, value):

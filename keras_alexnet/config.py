@@ -59,8 +59,10 @@ class Config:
     stats: str | None = option(None, ".npz from keras_alexnet.stats; default: ImageNet's means and eigen "
                                "figures.")
     pca_lighting: bool = option(True, "Fancy-PCA lighting augmentation (section 4.1).")
-    shuffle_buffer: int = option(2048, "Images in the shuffle buffer (192 KiB each).")
-    cache: str | None = option(None, "Cache decoded 256x256 images: 'memory' or a file path.")
+    shuffle_buffer: int = option(2048, "Records in the shuffle buffer of a source read in order (TFDS); "
+                                 "folders and synthetic draw each epoch as a permutation of the split.")
+    cache: str | None = option(None, "Decode the 256x256 images once: 'memory', or an .npy file path (192 KiB an "
+                               "image; a complete file is reused, one left half-filled by a kill is refilled).")
     export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends "
                                 "(python -m keras_alexnet.train).")
     init_from: str | None = option(None, "Start from the weights of this run directory (e.g. a converted "

@@ -4,10 +4,12 @@ Training takes random 227x227 crops, horizontal flips and fancy-PCA lighting of 
 minus the mean image; evaluation the centre crop or the 10-crop test.
 """
 import math
+import os
 
+import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import preprocess
+from keras_alexnet import preprocess, sources
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
 from keras_alexnet.sources import has_readable_image, indexed_records, load_images
 
@@ -22,23 +24,90 @@ AUTOTUNE = tf.data.AUTOTUNE
 # many workers and replicas share the work: the same run on other devices is the same computation.
 # Images that fail to load keep their place with the label -1: the losses and metrics skip them.
 
-_caches = {}  # (records, cache) -> the cached dataset; lives as long as the process, as sources do.
+_caches = {}  # (records, cache) -> the cache's records; lives as long as the process, as sources do.
+CACHE_RECORD = np.dtype([("image", np.uint8, (IMAGE_SIZE, IMAGE_SIZE, 3)), ("ok", np.bool_), ("label", np.int32)])
+
+
+def _loaded_source(source, cache):
+    """`source` with its images decoded once into the cache ("memory", or an .npy file path): a
+    random-access Source whose payloads are (image, ok) and whose `load` is the identity.
+
+    A file is filled under FILE.partial and renamed once complete: a complete file is reused, a
+    partial one left by a killed process is filled anew.
+    """
+    key = (source.records, cache)
+    if key not in _caches:
+        records = np.lib.format.open_memmap(cache, "r") if cache != "memory" and tf.io.gfile.exists(cache) else None
+        if records is not None and records.shape != (source.num_examples,) or records is not None and \
+                records.dtype != CACHE_RECORD:
+            raise DataError(f"--cache file {cache} holds {records.shape[0]} other records, not this split's "
+                            f"{source.num_examples} images: remove it or name another file")
+        if records is None:
+            records = _fill_cache(source, cache)
+
+        def lookup(indices):
+            image, ok, label = tf.numpy_function(lambda i: tuple(records[i][name] for name in CACHE_RECORD.names),
+                                                 [indices], (tf.uint8, tf.bool, tf.int32), stateful=False)
+            return (tf.ensure_shape(image, [None, IMAGE_SIZE, IMAGE_SIZE, 3]), tf.ensure_shape(ok, [None])), \
+                tf.ensure_shape(label, [None])
+
+        _caches[key] = sources.random_access(source.num_examples, lookup, None, source.class_names)
+    return _caches[key]
+
+
+def _fill_cache(source, cache):
+    """One pass over the split, in order, into a structured array (in memory or a memory-mapped .npy)."""
+    partial = f"{cache}.partial"
+    records = np.empty(source.num_examples, CACHE_RECORD) if cache == "memory" else \
+        np.lib.format.open_memmap(partial, "w+", CACHE_RECORD, (source.num_examples,))
+    loaded = load_images(indexed_records(source), source.load).batch(64).prefetch(2)
+    for index, image, ok, label in loaded.as_numpy_iterator():
+        records[index] = list(zip(image, ok, label))
+    if cache != "memory":
+        records.flush()
+        del records
+        os.replace(partial, cache)
+        records = np.lib.format.open_memmap(cache, "r")
+    return records
 
 
 def _records(source, cache=None):
-    """(records of (index, payload, label), loaded): with `cache`, the payloads are already loaded
-    into (image, ok) and cached in memory or in a file (filled here by one pass, so that every
-    later epoch reads it, however little of it an epoch takes)."""
-    records = indexed_records(source)
-    if not cache:
-        return records, False
-    key = (source.records, cache)
-    if key not in _caches:
-        loaded = load_images(records, source.load).map(lambda index, image, ok, label: (index, (image, ok), label))
-        loaded = loaded.cache("" if cache == "memory" else cache)
-        loaded.reduce(0, lambda count, _: count + 1)
-        _caches[key] = loaded
-    return _caches[key], True
+    """(the source, records of (index, payload, label) in order, loaded): with `cache`, the payloads are
+    (image, ok), decoded once (`_loaded_source`)."""
+    if cache:
+        source = _loaded_source(source, cache)
+    return source, indexed_records(source), bool(cache)
+
+
+def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_buffer=2048):
+    """Global batches of records (index, payload, label) of steps [first_step, steps) of training epoch
+    `epoch`.
+
+    The split is read in passes, each a fresh permutation seeded by (seed, pass), and every epoch
+    of `steps` batches takes the next slice of one: a full epoch is a pass (the images that do not
+    fill a last batch change from pass to pass); short epochs (--steps_per_epoch) cover a pass
+    together before the next pass begins, and no epoch holds an image twice. A source with random
+    access (`lookup`) computes each position's record (tf.random.experimental.index_shuffle), so a
+    resumed epoch reads nothing before `first_step`; one read in order only (TFDS) reads its files
+    shuffled and interleaved by the pass's seed, through a `shuffle_buffer`, and skips what it had
+    read.
+    """
+    per_epoch = steps * batch_size
+    epochs_per_pass = max(1, source.num_examples // per_epoch)
+    pass_number, part = divmod(epoch, epochs_per_pass)
+    start, stop = part * per_epoch + first_step * batch_size, (part + 1) * per_epoch
+    if source.lookup is None:
+        pass_seed = seed * 1_000_003 + pass_number
+        return indexed_records(source._replace(records=source.shuffled(pass_seed))).shuffle(
+            shuffle_buffer, seed=pass_seed).skip(start).take(stop - start).batch(batch_size)
+    pass_key = tf.constant([seed, pass_number], tf.int64)
+    last = tf.constant(source.num_examples - 1, tf.int64)
+
+    def batch(positions):
+        indices = tf.random.experimental.index_shuffle(positions, pass_key, last)
+        return (indices, *source.lookup(indices))
+
+    return tf.data.Dataset.range(start, stop).batch(batch_size).map(batch)
 
 
 def _worker_examples(batches, source, loaded, input_context, batch_size):
@@ -87,19 +156,18 @@ def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, ste
     Section 4.1: a random 227x227 crop (all 30x30 offsets equally likely) of the 256x256 image, a
     horizontal flip with probability 0.5, and (pca_lighting) the fancy-PCA lighting change. The mean
     image is subtracted before cropping, so each crop loses its matching patch of the mean.
-    The epoch's order is a shuffle (buffer `shuffle_buffer`) seeded by (seed, epoch) and cut into
+    The epoch's order is a slice of a permutation of the whole split (`epoch_records`) cut into
     `steps` (default: all) global batches of `batch_size`; an image's crop, flip and lighting come
     from stateless ops keyed by (seed, epoch, image index). So a run resumed at `first_step` sees the
     images it had not seen yet, with the augmentation it would have had.
     input_context: tf.distribute's (distribute_datasets_from_function): this worker's per-replica
         batches, b = batch_size / replicas; otherwise b = batch_size.
-    cache: None, "memory" or a file path: decoded 256x256 images are kept after one pass.
+    cache: None, "memory" or an .npy file path: decoded 256x256 images are kept after one pass.
     """
     steps = epoch_steps(source.num_examples, batch_size) if steps is None else steps
     mean = tf.constant(stats.mean_image)
-    records, loaded = _records(source, cache)
-    batches = (records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
-               .batch(batch_size, drop_remainder=True).take(steps).skip(first_step))
+    source, _, loaded = _records(source, cache)
+    batches = epoch_records(source, batch_size, steps, seed, epoch, first_step, shuffle_buffer)
 
     def augment(index, image, ok, label):
         key = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64), index)
@@ -133,7 +201,7 @@ def eval_pipeline(source, batch_size, stats, ten_crop=False, input_context=None,
     """
     mean = tf.constant(stats.mean_image)
     crop = preprocess.ten_crop if ten_crop else center_crop
-    records, loaded = _records(source, cache if cache == "memory" else None)
+    source, records, loaded = _records(source, cache if cache == "memory" else None)
     padding = eval_steps(source.num_examples, batch_size) * batch_size - source.num_examples
     blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), records.element_spec)
     blank = (tf.constant(-1, tf.int64), blank[1], tf.constant(-1, tf.int32))

@@ -12,9 +12,11 @@ TOTALS = ("loss", "top1", "top5", "images")  # Sums over images; `errors` turns 
 
 def label_rank(labels, probabilities):
     """How many other classes score at least as high as the label: a tie counts against the label,
-    so outputs that are all equal rank every label last, not first."""
+    so outputs that are all equal rank every label last, not first. A row holding a NaN ranks its
+    label below any k (a miss), not first (NaN compares False)."""
     label_score = tf.gather(probabilities, tf.maximum(labels, 0), batch_dims=1)
-    return tf.reduce_sum(tf.cast(probabilities >= label_score[:, None], tf.int32), -1) - 1
+    rank = tf.reduce_sum(tf.cast(probabilities >= label_score[:, None], tf.int32), -1) - 1
+    return tf.where(tf.reduce_any(tf.math.is_nan(probabilities), -1), tf.int32.max, rank)
 
 
 def totals(labels, probabilities):

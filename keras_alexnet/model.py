@@ -7,6 +7,7 @@ Tower A and tower B each hold half of every layer, as the paper's two GPUs did. 
 activations only where the paper's GPUs communicated: conv3, fc6 and fc7 see both towers' outputs,
 every other layer sees its own tower only. fc8 and the softmax run on tower A's device.
 """
+import contextlib
 import itertools
 
 import keras
@@ -85,7 +86,10 @@ class OnTower(keras.layers.Wrapper):
         self.tower_devices = tower_devices
 
     def _scope(self):
-        return tf.device(tower_device(self.tower_devices, self.tower))
+        """The tower's device scope; none for an unplaced tower: `tf.device(None)` would clear the scope of
+        the MirroredStrategy replica it runs in, and put every replica on the default device."""
+        device = tower_device(self.tower_devices, self.tower)
+        return contextlib.nullcontext() if device is None else tf.device(device)
 
     def build(self, input_shape):
         if not self.layer.built:  # A deserialized inner layer arrives built.
@@ -138,7 +142,7 @@ def _initializers(init, name, seed):
 
 def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="paper",
                   seed=None, lrn=True, pool_size=3, pool_stride=2, towers=2, lrn_bias=2.0, lrn_alpha=1e-4,
-                  lrn_across_towers=False, name="alexnet"):
+                  lrn_across_towers=False, width=1.0, name="alexnet"):
     """Builds AlexNet (Figure 2 of the paper): input 227x227x3 mean-subtracted RGB, softmax output.
 
     Args:
@@ -155,6 +159,8 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
         Caffe's bvlc_alexnet has k = 1 and alpha = 1e-4 divided by n = 5: lrn_bias=1, lrn_alpha=2e-5.
       lrn_across_towers: LRN windows cross the split between the towers, as Caffe's (one stack of 96
         and 256 maps); the paper's GPUs normalise their own maps (False).
+      width: scales every layer's kernels and units (1: the paper's; 1/16 gives a net of the same
+        shape for tests and quick experiments).
     """
     if towers not in (1, 2):
         raise ValueError(f"towers must be 1 or 2, got {towers}")
@@ -162,7 +168,12 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
         tower_devices = default_tower_devices()
     if isinstance(tower_devices, (list, tuple)):
         tower_devices = list(tower_devices)
-    width = 2 // towers  # A single tower holds both halves of every layer.
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    halves = 2 // towers  # A single tower holds both halves of every layer.
+
+    def scaled(units):
+        return max(1, round(units * width)) * halves
     suffixes = TOWERS[:towers] if towers == 2 else ("",)
     layer_index = itertools.count()
 
@@ -175,13 +186,13 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
     def conv(name, filters, kernel, tower, suffix, strides=1, padding="same"):
         kernel_init, bias_init = _initializers(init, name, next_seed())
         return on(tower, layers.Conv2D(
-            filters * width, kernel, strides=strides, padding=padding, activation="relu",
+            scaled(filters), kernel, strides=strides, padding=padding, activation="relu",
             kernel_initializer=kernel_init, bias_initializer=bias_init, name=f"{name}{suffix}"))
 
     def dense(name, units, tower, suffix, activation="relu"):
         kernel_init, bias_init = _initializers(init, name, next_seed())
         return on(tower, layers.Dense(
-            units, activation=activation, kernel_initializer=kernel_init,
+            units if name == "fc8" else scaled(units), activation=activation, kernel_initializer=kernel_init,
             bias_initializer=bias_init, name=f"{name}{suffix}"))
 
     def pool(name, tower):
@@ -220,7 +231,7 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
     for fc in ("fc6", "fc7"):  # Fully connected layers take both towers' outputs.
         both = [x[s] for s in suffixes]
         for t, s in enumerate(suffixes):
-            h = dense(fc, 2048 * width, t, s)(merge(both, f"{fc}_in{s}", t))
+            h = dense(fc, 2048, t, s)(merge(both, f"{fc}_in{s}", t))
             x[s] = h if fc == "fc7" else dropout(f"dropout6{s}", t)(h)
     fc7 = on(0, layers.Concatenate(name="fc7"))([x[s] for s in suffixes]) if towers == 2 else x[""]
     h = dropout("dropout7", 0)(fc7)

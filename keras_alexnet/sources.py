@@ -18,21 +18,50 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-Source = collections.namedtuple("Source", ["records", "load", "class_names", "num_examples"])
+Source = collections.namedtuple("Source", ["records", "load", "class_names", "num_examples", "lookup", "shuffled"],
+                                defaults=[None, None])
 Source.__doc__ = """A split of a dataset, in a fixed order.
 
-records: tf.data.Dataset of (payload, int32 label), cheap to hold and shuffle: a file path, the
-    encoded bytes, a synthetic image's index, or a decoded image.
+records: tf.data.Dataset of (payload, int32 label), cheap to hold: a file path, the encoded bytes, a
+    synthetic image's index, or a decoded image.
 load: payload -> uint8 [256, 256, 3], in-graph; it fails on a bad file (`load_images` catches that).
 class_names: list of str, index = label.
 num_examples: the number of records (files that turn out corrupt are included).
+lookup: int64 indices [n] -> (payloads [n, ...], labels [n]), those records, in-graph: random access, so
+    an epoch can be any permutation of the split (data.epoch_records). None for a source read in order only.
+shuffled: for a source without `lookup`, seed -> its records in an order drawn from the seed (TFDS
+    reads its files shuffled and interleaved).
 """
+
+
+def random_access_source(payloads, labels, load, class_names):
+    """A Source over in-memory `payloads` (an array whose first axis is the record) and int labels."""
+    payloads, labels = tf.constant(payloads), tf.constant(np.asarray(labels, np.int32))
+    lookup = lambda indices: (tf.gather(payloads, indices), tf.gather(labels, indices))
+    return random_access(int(labels.shape[0]), lookup, load, class_names)
+
+
+def random_access(num_examples, lookup, load, class_names):
+    """The Source of records 0 .. num_examples - 1 as `lookup` (see Source) gives them."""
+    records = tf.data.Dataset.range(num_examples).batch(1024).map(lookup).unbatch()
+    return Source(records, load, list(class_names), num_examples, lookup)
+
+
+def head(source, count):
+    """The first `count` records of a random-access `source`, as a Source of its own (benchmarks)."""
+    return random_access(count, source.lookup, source.load, source.class_names)
+
+
+def index_source(num_examples, num_classes=1000):
+    """A Source of `num_examples` records whose payload and label are the record's index (mod
+    num_classes for the label): nothing to decode, for tests and benchmarks of the order at scale."""
+    return random_access(num_examples, lambda indices: (indices, tf.cast(indices % num_classes, tf.int32)),
+                           tf.identity, [str(i) for i in range(num_classes)])
 
 
 def array_source(images, labels, class_names):
     """A Source over decoded uint8 [N, 256, 256, 3] images held in memory (tests, benchmarks)."""
-    records = tf.data.Dataset.from_tensor_slices((np.asarray(images, np.uint8), np.asarray(labels, np.int32)))
-    return Source(records, tf.identity, list(class_names), len(images))
+    return random_access_source(np.asarray(images, np.uint8), labels, tf.identity, class_names)
 
 
 def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_names=None):
@@ -64,8 +93,10 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_n
     if class_names is None or list(class_names) == source.class_names:
         return source
     labels = tf.constant(_labels_by_name(source.class_names, class_names, f"{dataset} ({split})"), tf.int32)
-    return source._replace(records=source.records.map(lambda payload, label: (payload, tf.gather(labels, label))),
-                           class_names=list(class_names))
+    relabel = lambda payload, label: (payload, tf.gather(labels, label))
+    return source._replace(records=source.records.map(relabel), class_names=list(class_names),
+                           lookup=source.lookup and (lambda index: relabel(*source.lookup(index))),
+                           shuffled=source.shuffled and (lambda seed: source.shuffled(seed).map(relabel)))
 
 
 def _labels_by_name(names, class_names, where):
@@ -87,8 +118,8 @@ def _labels_by_name(names, class_names, where):
 def _synthetic_source(split):
     if split not in synthetic.SIZES:
         raise DataError(f"synthetic has no split {split!r}; it has {', '.join(synthetic.SIZES)}")
-    records = tf.data.Dataset.range(synthetic.SIZES[split]).map(lambda index: (index, synthetic.label(index)))
-    return Source(records, synthetic.image_function(split), list(synthetic.CLASS_NAMES), synthetic.SIZES[split])
+    return random_access(synthetic.SIZES[split], lambda index: (index, synthetic.label(index)),
+                           synthetic.image_function(split), synthetic.CLASS_NAMES)
 
 
 def _folder_source(root, split, val_fraction, seed, class_names):
@@ -115,9 +146,8 @@ def _folder_source(root, split, val_fraction, seed, class_names):
         if not paths:
             raise DataError(f"{root}: the {split} split (val_fraction={val_fraction}) holds no images")
     order = np.random.default_rng(seed).permutation(len(paths))
-    records = tf.data.Dataset.from_tensor_slices(
-        (np.array(paths, dtype=object)[order].astype(str), np.array(labels, np.int32)[order]))
-    return Source(records, lambda path: decode(tf.io.read_file(path)), list(class_names), len(paths))
+    return random_access_source(np.array(paths, dtype=object)[order].astype(str), np.array(labels)[order],
+                                lambda path: decode(tf.io.read_file(path)), class_names)
 
 
 def _class_folders(root):
@@ -207,10 +237,14 @@ def _tfds_source(name, split, data_dir, val_fraction):
     except (KeyError, ValueError, AssertionError):
         raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from None
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    records = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
-                                 decoders={image_key: tfds.decode.SkipDecoding()})
-    records = records.map(lambda data, label: (data, tf.cast(label, tf.int32)))
-    return Source(records, decode, list(builder.info.features[label_key].names), num_examples)
+
+    def read(shuffle_seed=None):  # In the prepared order, or its files shuffled and interleaved.
+        records = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, as_supervised=True,
+                                     decoders={image_key: tfds.decode.SkipDecoding()},
+                                     read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+        return records.map(lambda data, label: (data, tf.cast(label, tf.int32)))
+
+    return Source(read(), decode, list(builder.info.features[label_key].names), num_examples, shuffled=read)
 
 
 def indexed_records(source):

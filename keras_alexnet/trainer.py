@@ -22,6 +22,7 @@ from absl import logging
 from keras_alexnet import checkpoint, data, figures, metrics, preprocess, sources, summaries
 from keras_alexnet.distribute import is_chief
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, conv1_kernels
+from keras_alexnet.optimizer import LossScaleOptimizer
 from keras_alexnet.step import (TrainingStuck, WarmupThenPlateau, check_stuck, is_stuck, make_train_loop,
                                 make_train_step, update_learning_rate)
 
@@ -48,7 +49,7 @@ class Trainer:
                         "init": config.init, **config.model}
         run_config = {**dataclasses.asdict(config), "model": model_kwargs, "steps_per_epoch": self.steps_per_epoch,
                       "input_shape": list(INPUT_SHAPE)}
-        checkpoint.check_resume(config.model_dir, run_config, self.train_source.class_names)
+        changes = checkpoint.check_resume(config.model_dir, run_config, self.train_source.class_names)
         logging.info("devices: %s", "; ".join(f"replica {i} on {r} -> towers on {a}, {b}"
                                                for i, (r, (a, b)) in enumerate(plan.items())))
         self._build(model_kwargs, plan)
@@ -59,6 +60,8 @@ class Trainer:
             getattr(strategy, "cluster_resolver", None), self.manager,
             termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._stopped))
         signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))  # Ctrl-C saves too.
+        if changes:  # After the handler, which restores the latest checkpoint once more.
+            self._apply(changes)
         self.train_loop = make_train_loop(make_train_step(strategy, self.model, self.optimizer, config),
                                           self.state["step"])
         self.eval_step = metrics.make_eval_step(strategy, self.model)
@@ -86,7 +89,7 @@ class Trainer:
                 WarmupThenPlateau(self.base_lr, config.warmup_epochs * self.steps_per_epoch),
                 momentum=config.momentum)
             if config.mixed_precision == "mixed_float16":
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+                self.optimizer = LossScaleOptimizer(self.optimizer)  # Its overflows agreed by all replicas.
             self.optimizer.build(self.model.trainable_variables)  # Before the first step, inside the scope.
             self.state = {name: tf.Variable(value, trainable=False, name=name) for name, value in
                           [("step", tf.constant(0, tf.int64)), ("epoch", tf.constant(0, tf.int64)),
@@ -108,6 +111,15 @@ class Trainer:
             checkpoint.load_matching_weights(self.model, config.init_from)
         if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
             checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)
+
+    def _apply(self, changes):
+        """A resume's changed flags (checkpoint.RESUMABLE), from this step on, recorded in config.json."""
+        if "learning_rate" in [key for key, _, _ in changes]:  # Else the checkpoint's rate, plateau drops and all.
+            self.base_lr.assign(self.config.learning_rate)
+        for key, old, new in changes:
+            print(f"resuming at step {self.step} with --{key}={new} (was {old})", flush=True)
+        if self.chief:
+            checkpoint.record_changes(self.config.model_dir, changes, self.step)
 
     @property
     def step(self):
@@ -174,6 +186,7 @@ class Trainer:
         if not train_metrics["images"]:
             raise preprocess.DataError(f"no image of {config.dataset} could be read in epoch {epoch + 1}")
         val_metrics = metrics.evaluate(self.eval_step, self.val_data, progress=False)
+        learning_rate = float(self.optimizer.learning_rate)  # The epoch's last step's, before the plateau rule.
         self.state["epoch"].assign_add(1)
         update_learning_rate(self.state, self.base_lr, val_metrics["top1_error"], config)
         num_classes = len(self.train_source.class_names)
@@ -188,8 +201,9 @@ class Trainer:
               + (f" | {corrupt} unreadable images skipped" if corrupt else ""), flush=True)
         if self.chief:
             with tf.io.gfile.GFile(os.path.join(config.model_dir, checkpoint.HISTORY), "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "step": self.step, "train": train_metrics,
-                                    "validation": val_metrics, "images_per_second": self.progress.speed}) + "\n")
+                f.write(json.dumps({"epoch": epoch + 1, "step": self.step, "learning_rate": learning_rate,
+                                    "train": train_metrics, "validation": val_metrics,
+                                    "images_per_second": self.progress.speed}) + "\n")
         check_stuck(int(self.state["stuck_epochs"].numpy()), self.step, train_metrics["loss"], num_classes, config)
         return val_metrics
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras_alexnet import checkpoint, distribute, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet, feature_model
+from keras_alexnet.optimizer import LossScaleOptimizer
 from keras_alexnet.step import make_train_step
 
 # Learning rate 0.0001: ReLUs amplify rounding. A gradient summed in another order differs by ~1e-7,
@@ -102,14 +103,14 @@ def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towe
     assert_same_computation(weights, plan_a[0])
 
 
-def model_and_sgd(strategy, plan, config, num_classes=10, init="paper", seed=3, loss_scale=False):
+def model_and_sgd(strategy, plan, config, num_classes=10, init="paper", seed=3, loss_scale=False, width=1.0):
     """AlexNet without dropout and SGD with momentum, built in `strategy`'s scope as the trainer
-    builds them (loss_scale: wrapped in LossScaleOptimizer, as for mixed_float16)."""
+    builds them (loss_scale: wrapped in our LossScaleOptimizer, as for mixed_float16)."""
     with strategy.scope():
-        model = build_alexnet(num_classes, tower_devices=plan, dropout_rate=0.0, init=init, seed=seed)
+        model = build_alexnet(num_classes, tower_devices=plan, dropout_rate=0.0, init=init, seed=seed, width=width)
         optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
         if loss_scale:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer = LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
     return model, optimizer
 
@@ -284,6 +285,47 @@ def test_mixed_precision_steps_learn_with_lrn_in_float32(policy, policy_name, lo
     lrn_ops = [op for op in graph.get_operations() if "lrn1_a" in op.name and op.type in ("Pow", "MatMul", "Mul")]
     assert lrn_ops and all(op.outputs[0].dtype == tf.float32 for op in lrn_ops)
     assert model.get_layer("conv1_a").layer.compute_dtype == policy_name.split("_")[1]
+
+
+def mixed_float16_step(devices, images, labels):
+    """(weights before, weights after, momentum slots after: the step itself, loss scale after) of one
+    mixed_float16 step of a narrow AlexNet on `devices`, one replica each (both towers on its device)."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    strategy, plan = new_strategy(1, devices)
+    config = Config(batch_size=len(labels), dropout_rate=0.0, learning_rate=0.01, momentum=0.9)
+    model, optimizer = model_and_sgd(strategy, plan, config, init="caffe", loss_scale=True, width=1 / 8)
+    before = [v.numpy() for v in model.trainable_variables]
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(len(labels))
+    make_train_step(strategy, model, optimizer, config)(*next(iter(strategy.experimental_distribute_dataset(batches))))
+    return (before, [v.numpy() for v in model.trainable_variables],
+            [m.numpy() for m in optimizer.inner_optimizer.momentums], float(optimizer.dynamic_scale.numpy()))
+
+
+def test_a_float16_overflow_on_one_replica_skips_the_step_on_all(policy, logical_cpus):
+    """Replica 1's half of the batch overflows float16 (pixels of 1e5, above its largest 65504), replica 0's does not: every
+    replica skips the step and halves the scale, as one device given the whole batch does. (Keras's
+    own LossScaleOptimizer takes replica 0's verdict: NaN weights and the scale kept.)"""
+    images = tf.random.stateless_normal([4, 227, 227, 3], [0, 5], stddev=50)
+    images = tf.concat([images[:2], images[2:] * 0 + 1e5], 0)
+    labels = tf.constant([0, 1, 2, 3])
+    for devices in logical_cpus[:1], logical_cpus[:2]:
+        before, after, slots, scale = mixed_float16_step(devices, images, labels)
+        assert scale == 2.0 ** 14, (devices, scale)
+        for w, got, slot in zip(before, after, slots):
+            np.testing.assert_array_equal(got, w)
+            assert not slot.any()
+
+
+def test_a_mixed_float16_step_of_two_replicas_is_one_replicas_step(policy, logical_cpus):
+    """Without overflow, 2 replicas take the step of 1 to 2e-3 of each variable's step size: float16's
+    rounding (2^-11 = 4.9e-4 a product) summed in another order; seen: 7.9e-4."""
+    images, labels = tf.random.stateless_normal([4, 227, 227, 3], [0, 6], stddev=50), tf.constant([0, 1, 2, 3])
+    (_, _, one, scale_one), (_, _, two, scale_two) = (mixed_float16_step(d, images, labels)
+                                                      for d in (logical_cpus[:1], logical_cpus[:2]))
+    assert scale_one == scale_two == 2.0 ** 15
+    errors = [np.abs(b - a).max() / np.abs(a).max() for a, b in zip(one, two)]
+    print("mixed_float16, 2 replicas against 1: largest difference / step size", max(errors))
+    assert max(errors) <= 2e-3, errors
 
 
 if __name__ == "__main__":  # The steps of test_one_step_of_two_replicas_is_one_replicas_step, into argv[1].

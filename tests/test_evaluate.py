@@ -127,3 +127,11 @@ def test_ties_are_misses():
     summed = metrics.totals(tf.constant([0, 3, 5, 9]), tf.fill([4, 10], 0.1))
     errors = metrics.errors(summed.numpy())
     assert errors["top1_error"] == 1.0 and errors["top5_error"] == 1.0 and errors["images"] == 4
+
+
+def test_nan_outputs_are_misses():
+    """A NaN compares False, so `>=` alone ranked a NaN label's score first: 0% error for a broken net."""
+    nan = float("nan")
+    probabilities = tf.constant([[nan, 0.5, 0.5], [0.2, nan, 0.8], [nan] * 3, [0.1, 0.2, 0.7]])
+    loss, top1, top5, images = metrics.totals(tf.constant([0, 2, 1, 2]), probabilities).numpy()
+    assert (top1, top5, images) == (1, 1, 4)  # Only the row without NaN is a hit.

@@ -166,3 +166,31 @@ def test_summary_prints_the_layer_table(alexnet):
     for name in ("conv1_a", "lrn1_b", "conv3_in_a", "fc7", "fc8", "probabilities"):
         assert name in text
     assert "60,965,224" in text
+
+
+def test_unplaced_towers_keep_each_replicas_device(logical_cpus):
+    """tower_devices=None inside a MirroredStrategy: every op of replica 1 runs on replica 1's device
+    (a tf.device(None) scope would clear the replica's and put both replicas on one device)."""
+    strategy = tf.distribute.MirroredStrategy(logical_cpus[:2])
+    with strategy.scope():
+        model = build_alexnet(10, tower_devices=None, seed=0, width=1 / 16)
+
+    @tf.function
+    def forward(x):
+        return strategy.run(lambda x: model(x, training=False), (x,))
+
+    devices = op_devices(forward.get_concrete_function(tf.TensorSpec([2, 227, 227, 3])))
+    assert len(devices) == 2 * 19
+    for name, device in devices.items():
+        assert device == (1 if name.startswith("replica_1/") else 0), name
+
+
+def test_width_scales_every_layer_but_the_classes():
+    narrow = build_alexnet(10, width=1 / 16)
+    shapes = {layer.name: tuple(layer.layer.kernel.shape) for layer in narrow.layers if hasattr(layer, "layer")
+              and hasattr(layer.layer, "kernel")}
+    assert shapes["conv1_a"] == (11, 11, 3, 3) and shapes["conv3_b"] == (3, 3, 16, 12)  # 48 / 16; 2 x 128 / 16.
+    assert shapes["conv5_b"] == (3, 3, 12, 8) and shapes["fc6_a"] == (6 * 6 * 16, 128)
+    assert shapes["fc7_b"] == (256, 128) and shapes["fc8"] == (256, 10)
+    with pytest.raises(ValueError, match="width must be positive"):
+        build_alexnet(10, width=0)

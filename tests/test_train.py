@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import checkpoint, distribute, model, summaries, trainer
+from keras_alexnet import checkpoint, distribute, model, preprocess, summaries, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet
 from keras_alexnet.step import (TrainingStuck, WarmupThenPlateau, check_stuck, is_stuck, make_train_step,
@@ -248,6 +248,38 @@ def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_c
         tiny_run(run, dataset, logical_cpus)
     assert {name: (run / name).read_bytes() for name in files} == files  # Never rewritten.
     assert int(tf.train.latest_checkpoint(run / "checkpoints").rsplit("-", 1)[1]) == 1
+
+
+NARROW = {"width": 1 / 16}  # Resume rules need no 61M-parameter net.
+
+
+def test_a_resume_refuses_flags_that_change_what_the_run_computes(tmp_path, logical_cpus):
+    run = tmp_path / "run"
+    tiny_run(run, "synthetic", logical_cpus, model=NARROW)
+    config = (run / "config.json").read_bytes()
+    preprocess.Stats.imagenet().save(tmp_path / "other.npz")
+    for key, old, new in [("stats", None, str(tmp_path / "other.npz")), ("weight_decay", 0.0005, 0.001),
+                          ("momentum", 0.9, 0.5), ("dropout_rate", 0.5, 0.1), ("seed", 0, 3),
+                          ("pca_lighting", True, False), ("init", "caffe", "paper"), ("decay_biases", False, True)]:
+        with pytest.raises(ValueError, match=re.escape(f"was trained with --{key} {old}, not {new}: resume with")):
+            tiny_run(run, "synthetic", logical_cpus, model=NARROW, **{key: new})
+    with pytest.raises(ValueError, match=re.escape("was trained with network {'")):
+        tiny_run(run, "synthetic", logical_cpus, model={"width": 1 / 8})
+    assert (run / "config.json").read_bytes() == config
+
+
+def test_a_resume_applies_epochs_learning_rate_and_checkpoint_every_and_records_them(tmp_path, logical_cpus):
+    """The resumed epoch trains at the new rate (history.jsonl), and config.json says from which step."""
+    run = tmp_path / "run"
+    tiny_run(run, "synthetic", logical_cpus, model=NARROW, learning_rate=0.01)
+    tiny_run(run, "synthetic", logical_cpus, model=NARROW, epochs=2, learning_rate=0.002, checkpoint_every=7)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["epochs"], config["learning_rate"], config["checkpoint_every"]) == (2, 0.002, 7)
+    assert config["changes"] == [{"step": 1, "flag": "epochs", "was": 1, "now": 2},
+                                 {"step": 1, "flag": "learning_rate", "was": 0.01, "now": 0.002},
+                                 {"step": 1, "flag": "checkpoint_every", "was": 500, "now": 7}]
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [(h["epoch"], h["learning_rate"]) for h in history] == [(1, pytest.approx(0.01)), (2, pytest.approx(0.002))]
 
 
 @pytest.mark.parametrize("classes, corrupt, batch_size, message", [
