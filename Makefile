@@ -14,13 +14,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[dev,onnx]'
 	touch $(STAMP)
 
-# The demo (README, "Two commands"): 3 epochs of 32 steps of 32 synthetic images, 256 validation images
-# an epoch, the images drawn once into memory: 3,840 images in all, minutes on a 2-core laptop.
-DEMO := --dataset=synthetic --model_dir=runs/demo --epochs=3 --steps_per_epoch=32 --eval_steps=8 --batch_size=32 \
-	--cache=memory --export_dir=export/alexnet
-
+# The demo: config.demo() (3 epochs of 32 steps of 32 synthetic images, 3,840 images in all).
 train: install
-	$(PY) -m keras_alexnet.train $(DEMO)
+	$(PY) -m keras_alexnet.train --preset=demo
 
 # Passed tests' directories are removed at the end (a session writes ~18 GB of checkpoints to /tmp).
 test: install

@@ -27,7 +27,7 @@ from keras_alexnet import data, distribute, export, lrn, preprocess, sources
 from keras_alexnet.config import Config
 from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
 from keras_alexnet.step import make_train_loop, make_train_step
-from keras_alexnet.trainer import Trainer
+from keras_alexnet.trainer import Trainer, set_up_process
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGENETTE = "imagenette2_224_subset"
@@ -239,6 +239,7 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
         with tempfile.TemporaryDirectory() as model_dir:
             config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
                             eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
+            set_up_process(config)
             trainer = Trainer(config, _new_strategy(list(plan)), plan)
             trainer.fit()
             speed = trainer.progress.speed  # The epoch's img/s, as history.jsonl records it.

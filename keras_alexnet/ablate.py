@@ -15,9 +15,9 @@ import os
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources
-from keras_alexnet.step import TrainingStuck
-from keras_alexnet.trainer import Trainer
+from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources, weights
+from keras_alexnet.epoch_rules import TrainingStuck
+from keras_alexnet.trainer import Trainer, set_up_process
 
 VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
     "baseline": ("the paper's network", {}, {}),
@@ -44,7 +44,7 @@ def read_history(model_dir):
 
 def ten_crop_error(model_dir, base):
     """Top-1 and top-5 error of a finished run's model with the paper's 10-crop test."""
-    model, run, _ = checkpoint.restore_model(model_dir)
+    model, run, _ = weights.restore_model(model_dir)
     source = sources.load_source(base.dataset, "validation", base.data_dir, seed=base.seed)
     dataset = data.eval_pipeline(source, base.batch_size, preprocess.Stats.load(run.stats_path), ten_crop=True,
                                  steps=base.eval_steps)
@@ -105,6 +105,7 @@ def train_variant(config):
     """Trains one variant in this process; run in a child process, so each starts with fresh memory."""
     distribute.split_cpu(config.cpu_devices)
     strategy, plan = distribute.make_strategy(config.towers_per_replica)
+    set_up_process(config)
     try:
         Trainer(config, strategy, plan).fit()
     except TrainingStuck as error:  # Its epochs so far still go in the table.

@@ -1,4 +1,4 @@
-"""What a training run keeps in its --model_dir, and how a model comes back from it.
+"""What a training run keeps in its --model_dir (weights.py brings a model back from it).
 
     model_dir/
       config.json     the flags of the run and `model`: the build_alexnet arguments
@@ -13,16 +13,13 @@ change (epochs, learning rate, ...) are recorded in config.json with the step th
 labels.txt and stats.npz are written once, when the run is created.
 """
 import collections
-import hashlib
 import json
 import os
 import re
 
-import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_alexnet.model import build_alexnet
+from keras_alexnet.files import atomic_write
 
 CONFIG, LABELS, STATS, CHECKPOINTS = "config.json", "labels.txt", "stats.npz", "checkpoints"
 HISTORY = "history.jsonl"
@@ -31,7 +28,7 @@ RunFiles = collections.namedtuple("RunFiles", ["config", "class_names", "stats_p
 
 
 def write_labels(path, class_names):
-    with tf.io.gfile.GFile(path, "w") as f:
+    with atomic_write(path) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
         f.write("".join(f"{name}\n" for name in class_names))
 
 
@@ -78,7 +75,7 @@ def record_changes(model_dir, changes, step):
     run.update({key: new for key, _, new in changes})
     run["changes"] = run.get("changes", []) + [{"step": step, "flag": key, "was": old, "now": new}
                                                 for key, old, new in changes]
-    _write_atomically(os.path.join(model_dir, CONFIG), lambda path: _write_json(path, run))
+    _write_json(os.path.join(model_dir, CONFIG), run)
 
 
 def training_checkpoint(model, optimizer, **state):
@@ -100,23 +97,15 @@ def restore_training(ckpt, path):
 
 
 def write_run_files(model_dir, config, class_names, stats):
-    """Writes config.json, labels.txt and stats.npz beside the checkpoints (each to a temporary name
-    first, so a crash leaves no half-written file)."""
+    """Writes config.json, labels.txt and stats.npz beside the checkpoints (each atomically)."""
     tf.io.gfile.makedirs(model_dir)
-    stats.save(os.path.join(model_dir, STATS))  # It writes a temporary file itself.
-    _write_atomically(os.path.join(model_dir, LABELS), lambda path: write_labels(path, class_names))
-    _write_atomically(os.path.join(model_dir, CONFIG), lambda path: _write_json(path, config))  # Marks a run.
-
-
-def _write_atomically(path, write):
-    """write(temporary path), then the rename to `path`: a crash leaves the old file or the new one."""
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    write(temporary)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    stats.save(os.path.join(model_dir, STATS))
+    write_labels(os.path.join(model_dir, LABELS), class_names)
+    _write_json(os.path.join(model_dir, CONFIG), config)  # Last: it marks a run.
 
 
 def _write_json(path, value):
-    with tf.io.gfile.GFile(path, "w") as f:
+    with atomic_write(path) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
 
 
@@ -129,61 +118,3 @@ def read_run_files(model_dir):
         config = json.load(f)
     return RunFiles(config, read_labels(os.path.join(model_dir, LABELS)),
                     os.path.join(model_dir, STATS))
-
-
-def restore_model(model_dir, checkpoint_path=None):
-    """(model, run_files, step): the run's model with the weights of its latest (or a given) checkpoint."""
-    run = read_run_files(model_dir)
-    path = checkpoint_path or tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
-    if path is None:
-        raise FileNotFoundError(f"{model_dir} has no checkpoint under {CHECKPOINTS}/")
-    model = build_alexnet(**run.config["model"])
-    step = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
-    return model, run, int(step.numpy())
-
-
-# What a fine-tuned model sets for itself; the other build_alexnet arguments describe the weights' network.
-OWN_ARGUMENTS = ("num_classes", "dropout_rate", "init", "seed", "tower_devices", "name")
-
-
-def architecture(run_dir):
-    """The build_alexnet arguments of run_dir's network that weights depend on (the LRN's constants,
-    towers, ...), for a model that starts from its weights; {} for no run_dir."""
-    if not run_dir:
-        return {}
-    return {k: v for k, v in read_run_files(run_dir).config["model"].items() if k not in OWN_ARGUMENTS}
-
-
-def load_matching_weights(model, run_dir):
-    """Copies into `model` the weights of every layer of run_dir's latest checkpoint with the same name
-    and weight shapes (fine-tuning: e.g. a converted bvlc_alexnet whose fc8 is re-initialised for
-    another number of classes). Prints and returns (names loaded, "name (why)" skipped)."""
-    source = restore_model(run_dir)[0]
-    names = {layer.name for layer in source.layers}
-    loaded, skipped = [], []
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        if layer.name not in names:
-            skipped.append(f"{layer.name} (not in {run_dir})")
-            continue
-        theirs = source.get_layer(layer.name).weights
-        shapes = [tuple(w.shape) for w in layer.weights], [tuple(w.shape) for w in theirs]
-        if shapes[0] != shapes[1]:
-            skipped.append(f"{layer.name} (shapes {shapes[0]} here, {shapes[1]} there)")
-            continue
-        for mine, source_weight in zip(layer.weights, theirs):
-            mine.assign(source_weight.numpy())
-        loaded.append(layer.name)
-    print(f"--init_from {run_dir}: loaded {len(loaded)} layers; skipped {len(skipped)}: "
-          f"{', '.join(skipped) or 'none'}")
-    return loaded, skipped
-
-
-def weights_digest(model):
-    """sha256 of all weights: equal digests mean bit-identical models (resume and multi-worker tests)."""
-    digest = hashlib.sha256()
-    for variable in model.weights:
-        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value)).tobytes())
-    return digest.hexdigest()[:16]

@@ -8,7 +8,6 @@ folder belongs, ...) and TensorFlow's OpError (the first line of its message, wi
 dump); Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and keeps its traceback.
 """
 import functools
-import os
 import re
 import sys
 
@@ -42,17 +41,3 @@ def reports_errors(*more_errors):
         return wrapped
     return decorate
 
-
-def replace_dir(staging, path):
-    """Renames the finished directory `staging` to `path`, replacing an old `path`.
-
-    The old directory is moved aside first and deleted last, so `path` is never half written.
-    """
-    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
-    if tf.io.gfile.exists(old):
-        tf.io.gfile.rmtree(old)
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rename(path, old)
-    tf.io.gfile.rename(staging, path)
-    if tf.io.gfile.exists(old):
-        tf.io.gfile.rmtree(old)

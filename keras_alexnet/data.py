@@ -4,12 +4,12 @@ Training takes random 227x227 crops, horizontal flips and fancy-PCA lighting of 
 minus the mean image; evaluation the centre crop or the 10-crop test.
 """
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from keras_alexnet import preprocess, sources
+from keras_alexnet.files import atomic_write
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
 from keras_alexnet.sources import has_readable_image, indexed_records, load_images
 
@@ -32,8 +32,8 @@ def _loaded_source(source, cache):
     """`source` with its images decoded once into the cache ("memory", or an .npy file path): a
     random-access Source whose payloads are (image, ok) and whose `load` is the identity.
 
-    A file is filled under FILE.partial and renamed once complete: a complete file is reused, a
-    partial one left by a killed process is filled anew.
+    A file is filled under a temporary name and renamed once complete (files.atomic_write): a complete
+    file is reused, a partial one left by a killed process is filled anew.
     """
     key = (source.records, cache)
     if key not in _caches:
@@ -57,18 +57,18 @@ def _loaded_source(source, cache):
 
 def _fill_cache(source, cache):
     """One pass over the split, in order, into a structured array (in memory or a memory-mapped .npy)."""
-    partial = f"{cache}.partial"
-    records = np.empty(source.num_examples, CACHE_RECORD) if cache == "memory" else \
-        np.lib.format.open_memmap(partial, "w+", CACHE_RECORD, (source.num_examples,))
     loaded = load_images(indexed_records(source), source.load).batch(64).prefetch(2)
-    for index, image, ok, label in loaded.as_numpy_iterator():
-        records[index] = list(zip(image, ok, label))
-    if cache != "memory":
-        records.flush()
-        del records
-        os.replace(partial, cache)
-        records = np.lib.format.open_memmap(cache, "r")
-    return records
+
+    def fill(records):
+        for index, image, ok, label in loaded.as_numpy_iterator():
+            records[index] = list(zip(image, ok, label))
+        return records
+
+    if cache == "memory":
+        return fill(np.empty(source.num_examples, CACHE_RECORD))
+    with atomic_write(cache) as temporary:
+        fill(np.lib.format.open_memmap(temporary, "w+", CACHE_RECORD, (source.num_examples,))).flush()
+    return np.lib.format.open_memmap(cache, "r")
 
 
 def _records(source, cache=None):

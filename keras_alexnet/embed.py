@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -33,7 +32,8 @@ from PIL import Image
 from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
-from keras_alexnet import cli, export, figures, preprocess, sources, summaries
+from keras_alexnet import cli, export, figures, preprocess, progress, sources
+from keras_alexnet.files import atomic_write
 
 SIGNATURE = "features"
 TENSOR_NAME = "fc7/.ATTRIBUTES/VARIABLE_VALUE"  # The checkpoint key of tf.train.Checkpoint(fc7=...).
@@ -135,7 +135,7 @@ def write_projector(logdir, batches, total=None):
     os.makedirs(logdir, exist_ok=True)
     raw = {key: os.path.join(logdir, f".{key}.raw") for key in ("fc7", "thumbs")}
     rows, width = 0, None
-    bar = summaries.progress_bar(total, "image")
+    bar = progress.progress_bar(total, "image")
     try:
         with open(raw["fc7"], "wb") as vectors, open(raw["thumbs"], "wb") as thumbs, \
                 open(os.path.join(logdir, METADATA), "w", encoding="utf-8") as metadata:
@@ -200,17 +200,10 @@ def run(saved_model, logdir, images=None, dataset=None, split="validation", data
         raise ValueError(f"--logdir {logdir} holds files but is no embed log dir: choose a new or empty folder")
     examples = Examples(images, dataset, split, data_dir, max_images)
     features = load_features(saved_model)
-    staging = os.path.join(os.path.dirname(logdir), f".{os.path.basename(logdir)}.tmp")
-    try:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
+    with atomic_write(logdir) as staging:
         rows = write_projector(staging, embedded_batches(features, examples, batch_size), examples.total)
         with open(os.path.join(staging, EXPORT), "w", encoding="utf-8") as f:
             json.dump({"saved_model": os.path.abspath(saved_model), "fingerprint": fingerprint(saved_model)}, f)
-        cli.replace_dir(staging, logdir)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
     return rows, examples.skipped
 
 

@@ -12,7 +12,8 @@ import re
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, data, metrics, preprocess, sources
+from keras_alexnet import cli, data, metrics, preprocess, sources, weights
+from keras_alexnet.files import atomic_write
 
 
 def report_name(dataset, split):
@@ -37,7 +38,7 @@ def define_flags():
 @cli.reports_errors()
 def main(argv):
     del argv
-    model, run, step = checkpoint.restore_model(FLAGS.model_dir or "")
+    model, run, step = weights.restore_model(FLAGS.model_dir or "")
     dataset_name = FLAGS.dataset or run.config.get("dataset")
     if not dataset_name:  # A converted model has no dataset of its own.
         raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")
@@ -56,9 +57,8 @@ def main(argv):
     for name, r in results.items():
         print(f"| {name} | {r['top1_error']:.2%} | {r['top5_error']:.2%} | {r['loss']:.4f} | {r['images']} |")
     output = FLAGS.output or os.path.join(FLAGS.model_dir, report_name(dataset_name, FLAGS.split))
-    with tf.io.gfile.GFile(output + ".tmp", "w") as f:
+    with atomic_write(output) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
         json.dump({"step": step, "dataset": dataset_name, "split": FLAGS.split, "results": results}, f, indent=2)
-    tf.io.gfile.rename(output + ".tmp", output, overwrite=True)
     print(f"wrote {output}")
 
 

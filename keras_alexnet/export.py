@@ -1,7 +1,6 @@
 """python -m keras_alexnet.export: a trained run as a self-contained SavedModel for TensorFlow Serving.
 
     python -m keras_alexnet.export --model_dir=runs/demo --export_dir=export/alexnet [--version=N] [--ten_crop]
-    python -m keras_alexnet.export --make_npy --out=x.npy [--bytes] IMAGE...
 
 writes EXPORT_DIR/VERSION/ (TF Serving's layout; VERSION defaults to the checkpoint's training step)
 with four signatures over a batch of N images:
@@ -20,19 +19,16 @@ exported with --ten_crop, the mean over preprocess.ten_crop's 10 views, section 
 own patch of the mean image as in evaluate). The class names (a constant, and assets/labels.txt) and
 the mean image travel inside, so serving needs no keras_alexnet; assets.extra/ holds TF Serving's
 warm-up requests (keras_alexnet.warmup).
-
---make_npy turns image files into saved_model_cli inputs: decoded centre crops, float32 [N, 227, 227, 3],
-for `--inputs images=x.npy`, or with --bytes the encoded files, an object array [N] for
-`--inputs image_bytes=x.npy`.
+(`python -m keras_alexnet.make_npy` turns image files into saved_model_cli inputs.)
 """
 import os
 import tempfile
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, preprocess, warmup
+from keras_alexnet import checkpoint, cli, preprocess, warmup, weights
+from keras_alexnet.files import atomic_write
 from keras_alexnet.model import INPUT_SHAPE, feature_model
 
 IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
@@ -151,41 +147,13 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
     if version < 0:
         raise ValueError(f"the version must be a non-negative integer, got {version}")
     path = os.path.join(export_dir, str(version))
-    staging = os.path.join(export_dir, f".{version}.tmp")  # Not a number: TF Serving ignores it.
-    if tf.io.gfile.exists(staging):
-        tf.io.gfile.rmtree(staging)
     module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, atomic_write(path) as staging:  # ".N.tmp": TF Serving ignores it.
         checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
         module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
         tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
-    warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
-    cli.replace_dir(staging, path)
+        warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
     return path
-
-
-def make_npy(paths, out, encoded=False):
-    """Writes saved_model_cli's input for `paths`: centre crops [N, 227, 227, 3] or the encoded files."""
-    if not paths:
-        raise ValueError("--make_npy needs image files as arguments")
-    files, crops = [], []
-    for path in paths:
-        if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"no such image: {path}")
-        with tf.io.gfile.GFile(path, "rb") as f:
-            files.append(f.read())
-        try:  # Also with --bytes: a file the signature cannot decode is better caught here.
-            crops.append(preprocess.center_crop(preprocess.decode_and_resize(files[-1])))
-        except tf.errors.InvalidArgumentError as error:
-            raise preprocess.DataError(f"{path}: {cli.one_line(error)}") from None
-    if encoded:
-        array = np.empty(len(files), object)  # saved_model_cli np.loads with allow_pickle=True.
-        array[:] = files
-    else:
-        array = np.asarray(tf.stack(crops), np.float32)
-    with tf.io.gfile.GFile(out, "wb") as f:
-        np.save(f, array)
-    return array.shape
 
 
 FLAGS = flags.FLAGS
@@ -198,24 +166,16 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
     flags.DEFINE_float("max_megapixels", preprocess.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
                        "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
-    flags.DEFINE_bool("make_npy", False, "Instead of exporting: write the image files given as arguments to --out.")
-    flags.DEFINE_string("out", None, "The .npy that --make_npy writes.")
-    flags.DEFINE_bool("bytes", False, "--make_npy writes the encoded files (for image_bytes), not pixels.")
 
 
 @cli.reports_errors()
 def main(argv):
-    if FLAGS.make_npy:
-        if not FLAGS.out:
-            raise ValueError("--make_npy needs --out=FILE.npy")
-        shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
-        print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
-        return
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (image files need --make_npy)")
+        raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (python -m keras_alexnet.make_npy turns "
+                         "image files into saved_model_cli inputs)")
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise ValueError("--model_dir and --export_dir are required")
-    model, run, step = checkpoint.restore_model(FLAGS.model_dir)
+    model, run, step = weights.restore_model(FLAGS.model_dir)
     stats = preprocess.Stats.load(run.stats_path)
     version = step if FLAGS.version is None else FLAGS.version
     replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))

@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from keras_alexnet import checkpoint, cli, figures
+from keras_alexnet import cli, figures, weights
 from keras_alexnet.model import TOWERS, conv1_kernels
 
 
@@ -47,7 +47,7 @@ def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scal
     if columns < 1 or scale < 1:
         raise ValueError("--columns and --scale must be positive")
     towers = kernels_from_saved_model(saved_model) if saved_model else conv1_kernels(
-        checkpoint.restore_model(model_dir)[0])
+        weights.restore_model(model_dir)[0])
     Image.fromarray(figures.kernel_grid(towers, columns, scale)).save(output)
     return {"AB"[i]: saturation(kernels) for i, kernels in enumerate(towers)}
 

@@ -5,7 +5,8 @@ Labels of -1 mark padding and images that failed to load: they add nothing to an
 import keras
 import tensorflow as tf
 
-from keras_alexnet import preprocess, summaries
+from keras_alexnet import preprocess
+from keras_alexnet.progress import progress_bar
 
 TOTALS = ("loss", "top1", "top5", "images")  # Sums over images; `errors` turns them into rates.
 
@@ -64,7 +65,7 @@ def make_eval_step(strategy, model):
 def evaluate(step, dataset, progress=True, batches=None):
     """The `errors` of a `make_eval_step` step over a finite (distributed) dataset."""
     summed = tf.zeros([len(TOTALS)])
-    bar = summaries.progress_bar(batches, "batch", verbose=progress)
+    bar = progress_bar(batches, "batch", verbose=progress)
     for images, labels in dataset:
         summed += step(images, labels)
         bar.add(1)

@@ -25,13 +25,13 @@ import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, export, sources, summaries
+from keras_alexnet import checkpoint, cli, export, sources
+from keras_alexnet.progress import ClearableBar
 
 SIGNATURE = "predict_images"
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -88,27 +88,6 @@ def read_batch(files, skipped):
     return batch
 
 
-class Progress:
-    """A bar on a terminal, else "batch i/n" lines on stderr; nothing for a single batch."""
-
-    def __init__(self, batches):
-        self.batches, self.tty = batches, summaries.is_terminal()
-
-    def clear(self):
-        if self.batches > 1 and self.tty:
-            sys.stdout.write("\r\033[K")
-
-    def update(self, done):
-        if self.batches <= 1:
-            return
-        if self.tty:
-            filled = 30 * done // self.batches
-            sys.stdout.write(f"[{'=' * filled}{'.' * (30 - filled)}] batch {done}/{self.batches}")
-            sys.stdout.flush()
-        else:
-            print(f"batch {done}/{self.batches}", file=sys.stderr, flush=True)
-
-
 class Output:
     """The --output file: CSV or JSON lines, by extension."""
 
@@ -144,7 +123,7 @@ def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32)
     k = min(top_k, len(labels))
     writer = Output(output, k) if output else None
     batches = math.ceil(len(files) / batch_size)
-    progress, skipped, done = Progress(batches), [], 0
+    progress, skipped, done = ClearableBar(batches), [], 0
     try:
         for b in range(batches):
             batch = read_batch(files[b * batch_size:(b + 1) * batch_size], skipped)

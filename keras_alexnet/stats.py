@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import cli, preprocess, sources, summaries
+from keras_alexnet import cli, preprocess, progress, sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", None, "'synthetic', a folder of class folders, or a TFDS name.")
@@ -35,7 +35,7 @@ def compute_stats(images, total=None, batch_size=32):
         sums["outer"].assign_add(tf.matmul(pixels, pixels, transpose_a=True))
         sums["count"].assign_add(tf.shape(batch, out_type=tf.int64)[0])
 
-    bar = summaries.progress_bar(total, "image")
+    bar = progress.progress_bar(total, "image")
     for batch, _ in images.batch(batch_size).prefetch(tf.data.AUTOTUNE):
         accumulate(batch)
         bar.add(int(batch.shape[0]))

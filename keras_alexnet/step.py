@@ -1,16 +1,10 @@
-"""The paper's update rule (section 5) as a distributed step, a loop of steps in one tf.function, and
-the rules applied between epochs.
+"""The paper's update rule (section 5) as a distributed step, and a loop of steps in one tf.function.
 
-v <- 0.9 v - 0.0005 eps w - eps dL/dw; w <- w + v, with the learning rate eps divided by 10 when the
-validation error stops improving, after an optional linear warm-up (not in the paper). A run whose
-loss stays at chance is warned about, then stopped.
+v <- 0.9 v - 0.0005 eps w - eps dL/dw; w <- w + v, with the learning rate eps a variable that the
+rules between epochs (epoch_rules.py) divide by 10, after an optional linear warm-up (not in the paper).
 """
-import math
-
 import keras
-import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from keras_alexnet import metrics
 
@@ -94,39 +88,3 @@ def make_train_loop(step, step_counter):
         return summed
 
     return loop
-
-
-def update_learning_rate(state, base_lr, val_error, config):
-    """Section 5: divide the learning rate by 10 when the validation error stops improving."""
-    val_error = np.float32(val_error)  # As best_error holds it: an equal error is no improvement.
-    if val_error < state["best_error"].numpy():
-        state["best_error"].assign(val_error)
-        state["bad_epochs"].assign(0)
-        return
-    state["bad_epochs"].assign_add(1)
-    if int(state["bad_epochs"].numpy()) >= config.lr_patience and int(state["lr_drops"].numpy()) < config.max_lr_drops:
-        base_lr.assign(base_lr / 10)
-        state["lr_drops"].assign_add(1)
-        state["bad_epochs"].assign(0)
-        logging.info("validation error did not improve: learning rate now %g", float(base_lr.numpy()))
-
-
-class TrainingStuck(Exception):
-    """Epochs at chance after enough steps, or a diverged loss: better stopped than run for 90 epochs."""
-
-
-def is_stuck(loss, num_classes):
-    """True when the training loss is within 2% of ln(num_classes), i.e. the net still guesses."""
-    return abs(loss - math.log(num_classes)) <= 0.02 * math.log(num_classes)
-
-
-def check_stuck(stuck_epochs, step, loss, num_classes, config):
-    """Warns after 2 epochs at chance; stops after 3 once --stuck_steps steps are done (runs that
-    learn leave chance within ~100 steps at batch 64 on ImageNette, README)."""
-    if stuck_epochs >= 2:  # Epoch 1 often ends near chance on runs that then learn.
-        print(f"warning: training loss {loss:.3f} is within 2% of ln({num_classes}) = "
-              f"{math.log(num_classes):.3f} for {stuck_epochs} epochs: the net is not learning. Try "
-              "--init=caffe, a lower --learning_rate (e.g. 0.001) or --warmup_epochs=2.")
-    if stuck_epochs >= 3 and config.stuck_steps and step >= config.stuck_steps:
-        raise TrainingStuck(f"stopped at step {step} after {stuck_epochs} epochs at chance; see the warning above "
-                            "(--stuck_steps=0 never stops)")

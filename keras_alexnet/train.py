@@ -13,8 +13,8 @@ from absl import app
 from keras_alexnet import cli, export
 from keras_alexnet.config import config_from_flags, define_flags
 from keras_alexnet.distribute import make_strategy, split_cpu
-from keras_alexnet.step import TrainingStuck
-from keras_alexnet.trainer import Trainer
+from keras_alexnet.epoch_rules import TrainingStuck
+from keras_alexnet.trainer import Trainer, set_up_process
 
 
 def print_next_steps(config, exported):
@@ -38,6 +38,7 @@ def main(argv):
     del argv
     config = config_from_flags()
     split_cpu(config.cpu_devices)
+    set_up_process(config)
     trainer = Trainer(config, *make_strategy(config.towers_per_replica))
     trainer.fit()
     if trainer.chief:

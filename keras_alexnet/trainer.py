@@ -19,23 +19,36 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_alexnet import checkpoint, data, figures, metrics, preprocess, sources, summaries
+from keras_alexnet import checkpoint, data, figures, metrics, preprocess, progress, sources, summaries, weights
 from keras_alexnet.distribute import is_chief
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, conv1_kernels
 from keras_alexnet.optimizer import LossScaleOptimizer
-from keras_alexnet.step import (TrainingStuck, WarmupThenPlateau, check_stuck, is_stuck, make_train_loop,
-                                make_train_step, update_learning_rate)
+from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
+from keras_alexnet.step import WarmupThenPlateau, make_train_loop, make_train_step
+
+
+def set_up_process(config):
+    """What a run sets for its whole process, before its Trainer is built (train.main does it; so must
+    any program that builds a Trainer): the seed, deterministic kernels, the dtype policy, and Ctrl-C
+    handled as SIGTERM (a checkpoint, then exit 0)."""
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_dtype_policy(_policy(config))
+    signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+
+
+def _policy(config):
+    return "float32" if config.mixed_precision == "off" else config.mixed_precision
 
 
 class Trainer:
     """A training run: its data, model, optimizer, checkpoints and summaries, epoch by epoch."""
 
     def __init__(self, config, strategy, plan):
-        keras.utils.set_random_seed(config.seed)
-        if config.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        keras.mixed_precision.set_dtype_policy("float32" if config.mixed_precision == "off"
-                                               else config.mixed_precision)
+        if keras.mixed_precision.dtype_policy().name != _policy(config):
+            raise ValueError(f"the dtype policy is {keras.mixed_precision.dtype_policy().name}, not "
+                             f"{_policy(config)}: call trainer.set_up_process(config) before building a Trainer")
         self.config, self.strategy, self.chief = config, strategy, is_chief(strategy)
         self.train_source = sources.load_source(config.dataset, "train", config.data_dir, seed=config.seed)
         self.val_source = sources.load_source(config.dataset, "validation", config.data_dir, seed=config.seed,
@@ -44,7 +57,7 @@ class Trainer:
         self.stats = preprocess.Stats.load(config.stats) if config.stats else preprocess.Stats.imagenet()
         self.steps_per_epoch = min(data.epoch_steps(self.train_source.num_examples, config.batch_size),
                                    config.steps_per_epoch or math.inf)
-        model_kwargs = {**checkpoint.architecture(config.init_from),  # E.g. Caffe's LRN constants.
+        model_kwargs = {**weights.architecture(config.init_from),  # E.g. Caffe's LRN constants.
                         "num_classes": len(self.train_source.class_names), "dropout_rate": config.dropout_rate,
                         "init": config.init, **config.model}
         run_config = {**dataclasses.asdict(config), "model": model_kwargs, "steps_per_epoch": self.steps_per_epoch,
@@ -59,7 +72,6 @@ class Trainer:
         self.preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
             getattr(strategy, "cluster_resolver", None), self.manager,
             termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._stopped))
-        signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))  # Ctrl-C saves too.
         if changes:  # After the handler, which restores the latest checkpoint once more.
             self._apply(changes)
         self.train_loop = make_train_loop(make_train_step(strategy, self.model, self.optimizer, config),
@@ -108,7 +120,9 @@ class Trainer:
             checkpoint.restore_training(ckpt, latest)
             logging.info("resumed from %s at step %d, epoch %d", latest, self.step, self.epoch)
         elif config.init_from:  # A new run only: a resumed one has its own weights.
-            checkpoint.load_matching_weights(self.model, config.init_from)
+            loaded, skipped = weights.load_matching_weights(self.model, config.init_from)
+            print(f"--init_from {config.init_from}: loaded {len(loaded)} layers; skipped {len(skipped)}: "
+                  f"{', '.join(skipped) or 'none'}", flush=True)
         if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
             checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)
 
@@ -150,7 +164,7 @@ class Trainer:
                 self.train_source, config.batch_size, self.stats, seed=config.seed, epoch=epoch, first_step=done,
                 steps=self.steps_per_epoch, pca_lighting=config.pca_lighting, cache=config.cache,
                 input_context=ctx, shuffle_buffer=config.shuffle_buffer)))
-        self.progress = summaries.Progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch, done,
+        self.progress = progress.Progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch, done,
                                            config.batch_size, float(self.optimizer.learning_rate),
                                            traced=self.train_loop.experimental_get_tracing_count() > 0)
         # The epoch's totals so far are checkpointed: a resumed epoch reports all of its steps.
@@ -188,7 +202,8 @@ class Trainer:
         val_metrics = metrics.evaluate(self.eval_step, self.val_data, progress=False)
         learning_rate = float(self.optimizer.learning_rate)  # The epoch's last step's, before the plateau rule.
         self.state["epoch"].assign_add(1)
-        update_learning_rate(self.state, self.base_lr, val_metrics["top1_error"], config)
+        if update_learning_rate(self.state, self.base_lr, val_metrics["top1_error"], config):
+            print(f"validation error did not improve: learning rate now {float(self.base_lr.numpy()):g}", flush=True)
         num_classes = len(self.train_source.class_names)
         stuck = is_stuck(train_metrics["loss"], num_classes)
         self.state["stuck_epochs"].assign(self.state["stuck_epochs"] + 1 if stuck else 0)
@@ -204,12 +219,16 @@ class Trainer:
                 f.write(json.dumps({"epoch": epoch + 1, "step": self.step, "learning_rate": learning_rate,
                                     "train": train_metrics, "validation": val_metrics,
                                     "images_per_second": self.progress.speed}) + "\n")
-        check_stuck(int(self.state["stuck_epochs"].numpy()), self.step, train_metrics["loss"], num_classes, config)
+        stuck_epochs = int(self.state["stuck_epochs"].numpy())
+        warning = stuck_warning(stuck_epochs, train_metrics["loss"], num_classes)
+        if warning:
+            print(warning, flush=True)
+        check_stuck(stuck_epochs, self.step, config)
         return val_metrics
 
     def finish(self):
         """Prints the final weights' digest; a worker other than the chief removes its scratch checkpoints."""
-        print(f"final weights digest {checkpoint.weights_digest(self.model)} at step {self.step}")
+        print(f"final weights digest {weights.weights_digest(self.model)} at step {self.step}")
         if not self.chief:
             tf.io.gfile.rmtree(self.manager.directory)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import reference_errors
-from keras_alexnet import ablate, checkpoint, preprocess, sources
+from keras_alexnet import ablate, checkpoint, preprocess, sources, weights
 from keras_alexnet.config import Config
 from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.model import build_alexnet
@@ -99,7 +99,7 @@ def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
             assert percent(verdict) == pytest.approx(delta, abs=5e-4)
             assert verdict.endswith("(within noise)") == (abs(delta) < 2 * se)
     # The 10-crop row: the baseline's final model on the same 8 validation images, by numpy.
-    model, run, _ = checkpoint.restore_model(str(tmp_path / "baseline"))
+    model, run, _ = weights.restore_model(str(tmp_path / "baseline"))
     images, _ = sources.decoded_images(sources.load_source(BASE.dataset, "validation", seed=BASE.seed))
     images, labels = zip(*((image, int(label)) for image, label in images.take(8)))
     top1, top5 = reference_errors(model, images, labels, preprocess.Stats.load(run.stats_path).mean_image, ten_crop=True)

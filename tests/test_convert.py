@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import SYNSET_WORDS, caffe_input, shared_data, write_bvlc_onnx
-from keras_alexnet import checkpoint, convert, preprocess
+from keras_alexnet import checkpoint, convert, preprocess, weights
 from keras_alexnet.model import build_alexnet, feature_model
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
@@ -46,7 +46,7 @@ def keras_outputs(model, stats, crops):
 
 
 def test_converted_run_matches_onnxruntime(bvlc_run, reference, crops):
-    model, run, step = checkpoint.restore_model(str(bvlc_run))
+    model, run, step = weights.restore_model(str(bvlc_run))
     probabilities, fc7 = keras_outputs(model, preprocess.Stats.load(run.stats_path), crops)
     print(f"\nKeras vs onnxruntime: max abs probability difference {np.abs(probabilities - reference[0]).max():.2e}, "
           f"fc7 max relative difference {max_relative(fc7, reference[1]):.2e}")
@@ -165,9 +165,9 @@ def test_fine_tune_from_the_converted_run(bvlc_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (f"--init_from {bvlc_run}: loaded 14 layers; skipped 1: fc8 (shapes [(4096, 10), (10,)] here, "
             "[(4096, 1000), (1000,)] there)") in result.stdout
-    tuned, run, _ = checkpoint.restore_model(str(tmp_path / "tuned"))
+    tuned, run, _ = weights.restore_model(str(tmp_path / "tuned"))
     assert run.config["model"]["lrn_bias"] == 1.0 and run.config["model"]["lrn_across_towers"]
-    source = checkpoint.restore_model(str(bvlc_run))[0]
+    source = weights.restore_model(str(bvlc_run))[0]
     for name in ("conv1_a", "conv3_b", "fc6_a", "fc7_b"):  # One step at lr 1e-9 barely moves them.
         for mine, theirs in zip(tuned.get_layer(name).weights, source.get_layer(name).weights):
             np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=0, atol=1e-6, err_msg=name)
@@ -176,8 +176,8 @@ def test_fine_tune_from_the_converted_run(bvlc_run, tmp_path):
 
 def test_init_from_a_directory_that_is_no_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a training run: it has no config.json"):
-        checkpoint.architecture(str(tmp_path))
-    assert checkpoint.architecture(None) == {}
+        weights.architecture(str(tmp_path))
+    assert weights.architecture(None) == {}
 
 
 def test_evaluate_a_converted_run_on_an_imagenet_layout(bvlc_run, reference, photos, tmp_path):

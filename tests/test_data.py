@@ -244,7 +244,7 @@ def test_cache_gives_the_same_batches_and_shards(tmp_path):
         for _ in range(2):  # Second round reads the completed cache.
             cached = epochs(source, 8, stats, 2, seed=5, shuffle_buffer=8, cache=cache)
             np.testing.assert_array_equal(cached[0], plain[0])
-    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # Complete: renamed from cache.partial.
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # Complete: renamed from .cache.tmp.
     # Two workers of two replicas each: worker w gets the w-th half of every global batch of 16,
     # as two per-replica batches of 4, the same images with the same augmentation.
     whole = collect(data.train_pipeline(source, 16, stats, seed=5))
@@ -516,20 +516,20 @@ print("filled")
 
 
 def test_a_cache_file_killed_while_filling_is_filled_anew(tmp_path):
-    """kill -9 during the fill leaves cache.partial; the next start fills it again (tf.data's cache
-    file refused it: 'cache lockfile already exists') and its records are the split's images."""
+    """kill -9 during the fill leaves .cache.tmp; the next start fills it anew (tf.data's cache file
+    refused to: 'cache lockfile already exists'), and its records are the split's images."""
     import signal
     import time
     cache = tmp_path / "cache"
     fill = subprocess.Popen([sys.executable, "-c", FILL_CACHE, str(cache)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (tmp_path / "cache.partial").exists() and time.time() < deadline and fill.poll() is None:
+    while not (tmp_path / ".cache.tmp").exists() and time.time() < deadline and fill.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5)
     fill.send_signal(signal.SIGKILL)
     fill.wait()
-    assert fill.returncode == -signal.SIGKILL and (tmp_path / "cache.partial").exists() and not cache.exists()
+    assert fill.returncode == -signal.SIGKILL and (tmp_path / ".cache.tmp").exists() and not cache.exists()
     again = subprocess.run([sys.executable, "-c", FILL_CACHE, str(cache)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.strip() == "filled", again.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]

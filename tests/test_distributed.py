@@ -1,7 +1,7 @@
 """Data parallelism is the same computation: device plans, workers, loops of steps and preemption.
 
 Every run here is batch 8, dropout 0, seed 1, --deterministic; most are 2 epochs of 3 steps. The
-plans of issue 11 ((a) 1 replica x 2 towers, (b) 2 replicas x 2 towers, (c) 2 replicas x 1 tower,
+device plans ((a) 1 replica x 2 towers, (b) 2 replicas x 2 towers, (c) 2 replicas x 1 tower,
 (d) 2 workers of 1 replica x 2 towers) must end with the same weights and optimizer slots, up to the
 summation order of the replicas' gradients.
 """
@@ -28,7 +28,7 @@ from keras_alexnet.step import make_train_step
 # so do the next weights, and where that moves a pre-activation across 0 one unit's gradient passes
 # or stops: a whole row of fc6's slot can change. The weights move by lr times that; at 0.001 one
 # such flip between plans a and d moved fc6's bias by 2e-5 of the layer's weight scale, over the
-# bound of issue 11. This measures the distribution, not the dynamics of a random net.
+# plans' bound of 1e-5. This measures the distribution, not the dynamics of a random net.
 RUN = dict(dataset="synthetic", batch_size=8, epochs=2, steps_per_epoch=3, eval_steps=1, dropout_rate=0.0,
            seed=1, deterministic=True, shuffle_buffer=64, init="caffe", learning_rate=0.0001)
 FLAGS = [f"--{key}={value}" for key, value in RUN.items()]
@@ -41,8 +41,9 @@ def new_strategy(towers_per_replica, devices):
 
 def run_in_process(model_dir, devices, towers_per_replica, **changes):
     strategy, plan = new_strategy(towers_per_replica, devices)
-    trainer.Trainer(Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes),
-                    strategy, plan).fit()
+    config = Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes)
+    trainer.set_up_process(config)
+    trainer.Trainer(config, strategy, plan).fit()
     return final_checkpoint(model_dir)
 
 
@@ -56,7 +57,7 @@ def final_checkpoint(model_dir):
 
 
 def assert_same_computation(got, want):
-    """Issue 11's bound: each weight and momentum slot within 1e-5 of the weight scale (max
+    """The plans' bound: each weight and momentum slot within 1e-5 of the weight scale (max
     |kernel| of its layer; a slot is a step in weight units, w <- w + v). Not a slot's own size: over
     several steps a ReLU that flips on a rounding difference changes a whole row of a slot (BUILD.md,
     "Device plans"); test_one_step_of_two_replicas_is_one_replicas_step holds one step to that.
@@ -99,7 +100,7 @@ def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towe
     devices = logical_cpus if towers == 2 else logical_cpus[:2]
     weights = run_in_process(tmp_path, devices, towers, steps_per_loop=2)  # Loops of 2 and 1 steps.
     history = [json.loads(line) for line in (tmp_path / checkpoint.HISTORY).read_text().splitlines()]
-    assert [h["step"] for h in history] == [3, 6]  # Exact epochs with 2 replicas (issue 11, item 1).
+    assert [h["step"] for h in history] == [3, 6]  # Exact epochs with 2 replicas: 3 global steps each, as with one.
     assert_same_computation(weights, plan_a[0])
 
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import write_run
-from keras_alexnet import checkpoint, data, export, preprocess, sources
+from keras_alexnet import checkpoint, data, export, make_npy, preprocess, sources
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 
 SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
@@ -119,7 +119,7 @@ def test_saved_model_cli_show_lists_every_signature(exported):
 @pytest.mark.parametrize("signature", ["serving_default", "features", "predict_images"])
 def test_saved_model_cli_run_matches_keras(signature, exported, keras_model, stats, image_files, tmp_path):
     x = tmp_path / "x.npy"
-    export.make_npy(image_files, str(x), encoded=signature == "predict_images")
+    make_npy.make_npy(image_files, str(x), encoded=signature == "predict_images")
     key = "image_bytes" if signature == "predict_images" else "images"
     result = subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(exported), "--tag_set", "serve",
                              "--signature_def", signature, "--inputs", f"{key}={x}", "--outdir", str(tmp_path)],
@@ -153,8 +153,8 @@ np.savez(sys.argv[4], **outputs)
 
 def test_loads_and_matches_keras_without_keras_alexnet(exported, keras_model, stats, image_files, photos, tmp_path):
     files = image_files + photos
-    export.make_npy(files, str(tmp_path / "pixels.npy"))
-    export.make_npy(files, str(tmp_path / "encoded.npy"), encoded=True)
+    make_npy.make_npy(files, str(tmp_path / "pixels.npy"))
+    make_npy.make_npy(files, str(tmp_path / "encoded.npy"), encoded=True)
     result = run_cli("-c", LOADER, str(exported), str(tmp_path / "pixels.npy"), str(tmp_path / "encoded.npy"),
                      str(tmp_path / "out.npz"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -223,7 +223,7 @@ def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_fi
     assert relative_difference(got, expected) < 1e-5
     fc7 = module.features_images(image_bytes=tf.constant(encoded))["fc7"].numpy()
     assert relative_difference(fc7, averaged(feature_model(keras_model), views)) < 1e-5
-    # The mean's centre patch taken from every view (the export before issue 13) differs on this mean image.
+    # The mean's centre patch taken from every view (instead of each view's own patch) differs on this mean image.
     views_of_pixels = tf.concat([preprocess.ten_crop(tf.cast(image, tf.float32)) for image in decoded], 0)
     assert relative_difference(averaged(keras_model, views_of_pixels - mean_crop(stats)), expected) > 1e-3
 
@@ -264,11 +264,11 @@ def test_export_function_writes_and_replaces_a_version(keras_model, stats, tmp_p
 
 def test_make_npy_command_line(image_files, tmp_path):
     out = tmp_path / "jpegs.npy"
-    result = run_cli("-m", "keras_alexnet.export", "--make_npy", "--bytes", f"--out={out}", *image_files)
+    result = run_cli("-m", "keras_alexnet.make_npy", "--bytes", f"--out={out}", *image_files)
     assert result.returncode == 0, result.stderr[-3000:]
     encoded = np.load(out, allow_pickle=True)
     assert encoded.dtype == object and list(encoded) == [Path(f).read_bytes() for f in image_files]
-    export.make_npy(image_files, str(tmp_path / "x.npy"))
+    make_npy.make_npy(image_files, str(tmp_path / "x.npy"))
     pixels = np.load(tmp_path / "x.npy")
     assert pixels.dtype == np.float32 and pixels.shape == (2, 227, 227, 3)
 
@@ -283,8 +283,8 @@ def test_bad_command_line_input_fails_in_one_line(case, tmp_path, stats):
     else:
         (tmp_path / "notes.jpg").write_text("not an image")
         image = tmp_path / ("missing.jpg" if case == "missing image" else "notes.jpg")
-        args = ["--make_npy", "--bytes", f"--out={tmp_path / 'x.npy'}", str(image)]
-    result = run_cli("-m", "keras_alexnet.export", *args)
+        args = ["--bytes", f"--out={tmp_path / 'x.npy'}", str(image)]
+    result = run_cli("-m", "keras_alexnet.make_npy" if "image" in case else "keras_alexnet.export", *args)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -11,7 +11,7 @@ import tensorflow as tf
 import keras_alexnet
 from keras_alexnet.model import build_alexnet, feature_model
 
-SHAPES = {  # Per tower, from the table of the model issue (section 3.5 and Figure 2).
+SHAPES = {  # Per tower, the paper's layer sizes (section 3.5 and Figure 2).
     "conv1": (55, 55, 48), "lrn1": (55, 55, 48), "pool1": (27, 27, 48), "conv2": (27, 27, 128),
     "lrn2": (27, 27, 128), "pool2": (13, 13, 128), "conv3_in": (13, 13, 256), "conv3": (13, 13, 192),
     "conv4": (13, 13, 192), "conv5": (13, 13, 128), "pool5": (6, 6, 128), "fc6_in": (9216,),

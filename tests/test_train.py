@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 
 from keras_alexnet import checkpoint, distribute, model, preprocess, summaries, trainer
-from keras_alexnet.config import Config
+from keras_alexnet.config import PRESETS, Config
 from keras_alexnet.model import build_alexnet
-from keras_alexnet.step import (TrainingStuck, WarmupThenPlateau, check_stuck, is_stuck, make_train_step,
-                                update_learning_rate)
+from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
+from keras_alexnet.step import WarmupThenPlateau, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,12 +106,12 @@ def test_stuck_run_detector_thresholds():
 
 
 def test_the_demo_is_as_small_as_the_readme_says():
-    """make train: about 4,000 images in all, so that it takes minutes on a 2-core laptop (issue 14)."""
-    demo = (REPO / "Makefile").read_text().split("DEMO :=")[1].split("\n\n")[0]
-    flags = dict(re.findall(r"--(\w+)=(\S+)", demo))
-    epochs, steps, batch, evals = (int(flags[k]) for k in ("epochs", "steps_per_epoch", "batch_size", "eval_steps"))
+    """make train: about 4,000 images in all, so that it takes minutes on a 2-core laptop."""
+    demo = PRESETS["demo"]()
+    epochs, steps, batch, evals = demo.epochs, demo.steps_per_epoch, demo.batch_size, demo.eval_steps
     images = epochs * (steps + evals) * batch
-    assert images <= 4000 and flags["cache"] == "memory" and flags["dataset"] == "synthetic"
+    assert images <= 4000 and demo.cache == "memory" and demo.dataset == "synthetic"
+    assert "keras_alexnet.train --preset=demo" in (REPO / "Makefile").read_text()
     readme = (REPO / "README.md").read_text()
     assert f"{epochs} epochs of {steps * batch:,} synthetic training images" in readme
     assert f"{evals * batch} validation images" in readme and f"{images:,} images in all" in readme
@@ -120,11 +120,12 @@ def test_the_demo_is_as_small_as_the_readme_says():
 def test_stuck_runs_are_judged_by_steps_taken():
     """A small dataset at chance after 3 short epochs is not stopped; after --stuck_steps it is."""
     config = Config(stuck_steps=300)
-    check_stuck(3, 30, 2.3, 10, config)  # 3 epochs of 10 steps: too early to judge.
-    check_stuck(5, 299, 2.3, 10, config)
+    assert stuck_warning(1, 2.3, 10) is None and stuck_warning(2, 2.3, 10).startswith("warning: training loss 2.300")
+    check_stuck(3, 30, config)  # 3 epochs of 10 steps: too early to judge.
+    check_stuck(5, 299, config)
     with pytest.raises(TrainingStuck, match="stopped at step 300 after 3 epochs at chance"):
-        check_stuck(3, 300, 2.3, 10, config)
-    check_stuck(9, 10_000, 2.3, 10, Config(stuck_steps=0))  # 0: never.
+        check_stuck(3, 300, config)
+    check_stuck(9, 10_000, Config(stuck_steps=0))  # 0: never.
 
 
 def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
@@ -225,6 +226,7 @@ def tiny_run(model_dir, dataset=None, logical_cpus=None, **changes):
     settings = {**dict(dataset=dataset, model_dir=str(model_dir), batch_size=4, epochs=1, steps_per_epoch=1,
                        eval_steps=1, shuffle_buffer=16, init="caffe"), **changes}
     strategy, plan = distribute.make_strategy(2, logical_cpus[:2])
+    trainer.set_up_process(Config(**settings))
     return trainer.Trainer(Config(**settings), strategy, plan).fit()
 
 
@@ -314,10 +316,11 @@ def test_plateau_rule_divides_by_10_after_patience_up_to_the_limit():
               (0.7, 1e-3, 0.7, 0, 1), (0.75, 1e-3, 0.7, 1, 1), (0.75, 1e-4, 0.7, 0, 2),
               (0.75, 1e-4, 0.7, 1, 2), (0.75, 1e-4, 0.7, 2, 2), (0.75, 1e-4, 0.7, 3, 2), (0.6, 1e-4, 0.6, 0, 2)]
     for error, lr, best, bad, drops in epochs:
-        update_learning_rate(state, base_lr, error, config)
+        before = float(base_lr.numpy())
+        dropped = update_learning_rate(state, base_lr, error, config)
         got = (float(base_lr.numpy()), float(state["best_error"].numpy()), int(state["bad_epochs"].numpy()),
                int(state["lr_drops"].numpy()))
-        assert got == pytest.approx((lr, best, bad, drops)), error
+        assert got == pytest.approx((lr, best, bad, drops)) and dropped == (got[0] < before), error
 
 
 def test_warmup_ramps_linearly_then_follows_base_lr():

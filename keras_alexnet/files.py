@@ -1,0 +1,46 @@
+"""Writing files so that a crash, a kill or a full disk leaves the old file or the new one, never half.
+
+Every writer of the package goes through `atomic_write` (a file) or `replace_dir` (a directory). It
+imports nothing of the package: every stage may use it.
+"""
+import contextlib
+import os
+
+import tensorflow as tf
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yields a temporary path beside `path` (".NAME.tmp") to write; renamed to `path` when the block
+    ends, removed when it raises. Works for files and directories, local or on GCS (tf.io.gfile)."""
+    path = str(path)
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    _remove(temporary)  # Left by a killed writer.
+    try:
+        yield temporary
+        if tf.io.gfile.isdir(temporary):
+            replace_dir(temporary, path)
+        else:
+            tf.io.gfile.rename(temporary, path, overwrite=True)
+    finally:
+        _remove(temporary)
+
+
+def _remove(path):
+    if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
+
+
+def replace_dir(staging, path):
+    """Renames the finished directory `staging` to `path`, replacing an old `path`.
+
+    The old directory is moved aside first and deleted last, so `path` is never half written.
+    """
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+    _remove(old)
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rename(path, old)
+    tf.io.gfile.rename(staging, path)
+    _remove(old)
