@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test test-fast bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ train: install
 # Passed tests' directories are removed at the end (a session writes ~18 GB of checkpoints to /tmp).
 test: install
 	$(PY) -m pytest -q tests -o tmp_path_retention_policy=failed
+
+# The tests not marked slow (@pytest.mark.slow): what a laptop runs between changes.
+test-fast: install
+	$(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -m "not slow"
 
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_FLAGS)

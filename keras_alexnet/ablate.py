@@ -17,6 +17,7 @@ from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources, weights
 from keras_alexnet.epoch_rules import TrainingStuck
+from keras_alexnet.files import atomic_write
 from keras_alexnet.trainer import Trainer, set_up_process
 
 VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
@@ -98,7 +99,8 @@ def plot(results, path):
         ax.grid(alpha=0.3)
     axes[1].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
 
 
 def train_variant(config):
@@ -131,7 +133,7 @@ def run_ablation(base, names, output_dir):
     n = results[names[0]][-1]["validation"]["images"]
     tf.io.gfile.makedirs(output_dir)
     markdown = table(results, ten_crop, n)
-    with tf.io.gfile.GFile(os.path.join(output_dir, "ablation.md"), "w") as f:
+    with atomic_write(os.path.join(output_dir, "ablation.md")) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
         f.write(markdown)
     plot(results, os.path.join(output_dir, "curves.png"))
     print("\n" + markdown)

@@ -5,6 +5,7 @@ presets (--preset); ablate, bench and the tests build a Config directly; `python
 builds it from its flags over a preset.
 """
 import dataclasses
+import math
 import typing
 
 import tensorflow as tf
@@ -68,10 +69,20 @@ class Config:
                                 "(python -m keras_alexnet.train).")
     init_from: str | None = option(None, "Start from the weights of this run directory (e.g. a converted "
                                    "bvlc_alexnet), every layer whose name and shape match; others start anew.")
+    width: float = option(1.0, "Scale every layer's kernels and units (1: the paper's net; 1/16: one of the same "
+                          "shape, ~250x smaller, for quick runs and tests).")
     model: dict = dataclasses.field(default_factory=dict)  # Extra build_alexnet arguments (ablations).
 
     def validate(self):
-        positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every", "shuffle_buffer", "steps_per_loop"]
+        """Refuses, before anything is written, a setting no run can use (one line naming it)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{field.name} must be a finite number, got {value}")
+        if not self.model_dir.strip():
+            raise ValueError("--model_dir must not be empty: name the run's directory")
+        positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every", "shuffle_buffer", "steps_per_loop",
+                    "width"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")

@@ -44,7 +44,7 @@ THUMB, MAX_SPRITE = 64, 8192  # Thumbnail side and the projector's largest sprit
 
 def load_features(saved_model):
     """A function from uint8 crops [n, 227, 227, 3] to their fc7 rows, float32 numpy [n, 4096]."""
-    signature = export.load_signature(saved_model, SIGNATURE)[1]
+    signature = export.load_signature(saved_model, SIGNATURE, "fc7")[1]
     return lambda crops: signature(images=tf.cast(crops, tf.float32))["fc7"].numpy()
 
 

@@ -128,11 +128,16 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=pre
 SIGNATURES = ("serving_default", "features", "predict_images", "features_images")
 
 
-def load_signature(saved_model, name):
-    """(the loaded SavedModel, its signature `name`), or a ValueError naming the signatures it has."""
+def load_signature(saved_model, name, output):
+    """(the loaded SavedModel, its signature `name`), or a ValueError naming the signatures it has, or
+    the outputs of a signature of that name without `output` (another model's)."""
     loaded = tf.saved_model.load(saved_model)
     if name not in loaded.signatures:
         raise ValueError(f"{saved_model} has no {name!r} signature (found: {', '.join(loaded.signatures)})")
+    outputs = loaded.signatures[name].structured_outputs
+    if output not in outputs:
+        raise ValueError(f"{saved_model} has no output {output!r} in signature {name!r} (it has: "
+                         f"{', '.join(outputs)}): not a keras_alexnet export")
     return loaded, loaded.signatures[name]
 
 

@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import cli, preprocess
+from keras_alexnet.files import atomic_write
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "The .npy to write.")
@@ -36,7 +37,7 @@ def make_npy(paths, out, encoded=False):
         array[:] = files
     else:
         array = np.asarray(tf.stack(crops), np.float32)
-    with tf.io.gfile.GFile(out, "wb") as f:
+    with atomic_write(out) as temporary, tf.io.gfile.GFile(temporary, "wb") as f:
         np.save(f, array)
     return array.shape
 

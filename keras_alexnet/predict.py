@@ -54,7 +54,7 @@ def list_files(paths):
 
 def load(saved_model, ten_crop=False):
     """(predict_images signature, class names, whether it averages 10 crops) of an export."""
-    loaded, signature = export.load_signature(saved_model, SIGNATURE)
+    loaded, signature = export.load_signature(saved_model, SIGNATURE, "probabilities")
     exported_ten_crop = bool(getattr(loaded, "ten_crop", tf.constant(False)).numpy())
     if ten_crop and not exported_ten_crop:
         raise ValueError(f"{saved_model} was not exported with --ten_crop: its {SIGNATURE} takes the centre "

@@ -237,6 +237,19 @@ def _tfds_source(name, split, data_dir, val_fraction):
     except (KeyError, ValueError, AssertionError):
         raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from None
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    class_names = builder.info.features[label_key].names
+    if builder.info.file_format == tfds.core.file_adapters.FileFormat.ARRAY_RECORD:  # Random access.
+        examples = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
+
+        def read_examples(indices):
+            chosen = examples.__getitems__(indices.tolist())
+            return (np.array([e[image_key] for e in chosen], object), np.array([e[label_key] for e in chosen], np.int32))
+
+        def lookup(indices):
+            payloads, labels = tf.numpy_function(read_examples, [indices], (tf.string, tf.int32), stateful=False)
+            return tf.ensure_shape(payloads, [None]), tf.ensure_shape(labels, [None])
+
+        return random_access(num_examples, lookup, decode, class_names)
 
     def read(shuffle_seed=None):  # In the prepared order, or its files shuffled and interleaved.
         records = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, as_supervised=True,
@@ -244,7 +257,7 @@ def _tfds_source(name, split, data_dir, val_fraction):
                                      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
         return records.map(lambda data, label: (data, tf.cast(label, tf.int32)))
 
-    return Source(read(), decode, list(builder.info.features[label_key].names), num_examples, shuffled=read)
+    return Source(read(), decode, list(class_names), num_examples, shuffled=read)
 
 
 def indexed_records(source):

@@ -57,9 +57,10 @@ class Trainer:
         self.stats = preprocess.Stats.load(config.stats) if config.stats else preprocess.Stats.imagenet()
         self.steps_per_epoch = min(data.epoch_steps(self.train_source.num_examples, config.batch_size),
                                    config.steps_per_epoch or math.inf)
+        narrow = {"width": config.width} if config.width != 1 else {}  # Runs of the paper's net keep their config.
         model_kwargs = {**weights.architecture(config.init_from),  # E.g. Caffe's LRN constants.
                         "num_classes": len(self.train_source.class_names), "dropout_rate": config.dropout_rate,
-                        "init": config.init, **config.model}
+                        "init": config.init, **narrow, **config.model}
         run_config = {**dataclasses.asdict(config), "model": model_kwargs, "steps_per_epoch": self.steps_per_epoch,
                       "input_shape": list(INPUT_SHAPE)}
         changes = checkpoint.check_resume(config.model_dir, run_config, self.train_source.class_names)

@@ -15,6 +15,15 @@ from keras_alexnet import checkpoint, preprocess
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# build_alexnet(**NARROW): the same layers at 1/16 of the width (~250x fewer parameters), for tests whose
+# point is behaviour, not the size of the net; where the size is the point (test_model, test_convert,
+# test_export) the tests build the paper's 61M-parameter net.
+NARROW = {"width": 1 / 16}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slow tier (tens of seconds each); make test-fast skips it")
+
 
 def shared_data(name):
     """SHARED_DATA / name, or the test skipped, naming what is missing."""

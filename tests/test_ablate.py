@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import reference_errors
+from conftest import NARROW, reference_errors
 from keras_alexnet import ablate, checkpoint, preprocess, sources, weights
 from keras_alexnet.config import Config
 from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.model import build_alexnet
 
 BASE = Config(dataset="synthetic", batch_size=8, epochs=1, steps_per_epoch=2, eval_steps=1,
-                    init="caffe", shuffle_buffer=16, checkpoint_every=100)
+              init="caffe", shuffle_buffer=16, checkpoint_every=100, model=NARROW)  # Variants of a narrow net.
 
 
 def variant_model(name):
@@ -52,7 +52,9 @@ def test_each_variant_changes_one_thing():
 
     _, one = variant_model("one_tower")
     assert not any(layer.name.endswith("_b") for layer in one.layers)
-    assert one.get_layer("conv2").layer.filters == 256 and one.get_layer("fc7").output.shape[-1] == 4096
+    # The same width: conv2 has both towers' kernels (256 in the paper's net), fc7 all units (4096).
+    assert one.get_layer("conv2").layer.filters == 2 * base.get_layer("conv2_a").layer.filters
+    assert one.get_layer("fc7").output.shape[-1] == base.get_layer("fc7").output.shape[-1]
     changed = {f.name for f in dataclasses.fields(Config)
                if getattr(ablate.variant_config(BASE, "one_tower", "x"), f.name) != getattr(BASE, f.name)}
     assert changed == {"model", "model_dir"}

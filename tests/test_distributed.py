@@ -3,7 +3,9 @@
 Every run here is batch 8, dropout 0, seed 1, --deterministic; most are 2 epochs of 3 steps. The
 device plans ((a) 1 replica x 2 towers, (b) 2 replicas x 2 towers, (c) 2 replicas x 1 tower,
 (d) 2 workers of 1 replica x 2 towers) must end with the same weights and optimizer slots, up to the
-summation order of the replicas' gradients.
+summation order of the replicas' gradients. The plans in this process train the narrow net (conftest.NARROW:
+every layer, 1/16 of the units); the workers (d) train the paper's net, as keras_alexnet.train has no flag
+for the width, and so does their reference, plan_a_full (both in the slow tier).
 """
 import json
 import os
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import NARROW
 from keras_alexnet import checkpoint, distribute, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.model import build_alexnet, feature_model
@@ -39,9 +42,9 @@ def new_strategy(towers_per_replica, devices):
     return distribute.make_strategy(towers_per_replica, devices)
 
 
-def run_in_process(model_dir, devices, towers_per_replica, **changes):
+def run_in_process(model_dir, devices, towers_per_replica, model=NARROW, **changes):
     strategy, plan = new_strategy(towers_per_replica, devices)
-    config = Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes)
+    config = Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, model=model, **changes)
     trainer.set_up_process(config)
     trainer.Trainer(config, strategy, plan).fit()
     return final_checkpoint(model_dir)
@@ -79,6 +82,13 @@ def plan_a(tmp_path_factory, logical_cpus):
     """(a) 1 replica x 2 towers, 4 steps a loop (an epoch of 3 in one); the reference of the other plans."""
     model_dir = tmp_path_factory.mktemp("plan_a")
     return run_in_process(model_dir, logical_cpus[:2], 2, steps_per_loop=4), model_dir
+
+
+@pytest.fixture(scope="module")
+def plan_a_full(tmp_path_factory, logical_cpus):
+    """Plan (a) of the paper's net: the reference of the workers (d), which train it."""
+    model_dir = tmp_path_factory.mktemp("plan_a_full")
+    return run_in_process(model_dir, logical_cpus[:2], 2, model={}, steps_per_loop=4), model_dir
 
 
 def test_plan_a_trains_exact_epochs_and_writes_them(plan_a):
@@ -121,20 +131,20 @@ def one_step(devices, towers_per_replica, images, labels):
     slot is then the step itself, w1 - w0 = -lr (dL/dw + decay w)."""
     config = Config(**RUN)
     strategy, plan = new_strategy(towers_per_replica, devices)
-    model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed)
+    model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed, **NARROW)
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(config.batch_size)
     make_train_step(strategy, model, optimizer, config)(*next(iter(strategy.experimental_distribute_dataset(batches))))
     return [m.numpy() for m in optimizer.momentums]
 
 
-def test_one_step_of_two_replicas_is_one_replicas_step(tmp_path):
+def test_one_step_of_two_replicas_is_one_replicas_step(logical_cpus):
     """From the same weights one step has nothing to amplify a summation order: (b) and (c) take every
-    step of (a) to 1e-5 of its own size (seen: 2e-6; with weight decay counted once per replica, 2e-2).
-    The steps are taken in a process of their own (this file's __main__), so that three more models do
-    not stay in the suite's memory (BUILD.md, "Memory that one process keeps")."""
-    done = subprocess.run([sys.executable, __file__, str(tmp_path / "steps.npz")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    steps = np.load(tmp_path / "steps.npz")
+    step of (a) to 1e-5 of its own size (seen with the paper's net: 2e-6; with weight decay counted once
+    per replica, 2e-2). The narrow net's layers are small: this process keeps them."""
+    images, labels = tf.random.stateless_normal([8, 227, 227, 3], [0, 4], stddev=50), tf.range(8)
+    plans = {"a": (logical_cpus[:2], 2), "b": (logical_cpus, 2), "c": (logical_cpus[:2], 1)}
+    steps = {f"{plan}{i}": step for plan, (devices, towers) in plans.items()
+             for i, step in enumerate(one_step(devices, towers, images, labels))}
     for plan in "bc":
         errors = [np.abs(steps[f"{plan}{i}"] - steps[f"a{i}"]).max() / np.abs(steps[f"a{i}"]).max() for i in range(30)]
         assert max(errors) <= 1e-5, (plan, errors)
@@ -183,13 +193,15 @@ def assert_workers_agree(outputs, final_digest):
     assert digests[0] == digests[1] and digests[0][1] == 6, digests
 
 
-def test_two_workers_compute_what_one_replica_does(plan_a, plan_d, final_digest):
+@pytest.mark.slow
+def test_two_workers_compute_what_one_replica_does(plan_a_full, plan_d, final_digest):
     outputs, model_dir = plan_d
     assert_workers_agree(outputs, final_digest)
     assert not list(model_dir.glob(".worker*"))
-    assert_same_computation(final_checkpoint(model_dir), plan_a[0])
+    assert_same_computation(final_checkpoint(model_dir), plan_a_full[0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_port, final_digest):
     """TensorFlow's PreemptionCheckpointHandler: both workers save at one step and exit 0; started
     again, they end with the uninterrupted run's weights and slots."""
@@ -216,7 +228,7 @@ def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_por
 def fc6_masks(strategy, plan, images):
     """Each replica's fc6 dropout mask (tower A) for the same images."""
     with strategy.scope():
-        model = build_alexnet(10, tower_devices=plan, dropout_rate=0.5, seed=7)
+        model = build_alexnet(10, tower_devices=plan, dropout_rate=0.5, seed=7, **NARROW)
     fc6 = feature_model(model, "dropout6_a")
 
     @tf.function
@@ -253,7 +265,7 @@ def decay_only_step(policy_name, logical_cpus):
     strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
     config = Config(batch_size=2, dropout_rate=0.0, learning_rate=0.1, weight_decay=0.01, momentum=0.9)
     model, optimizer = model_and_sgd(strategy, {logical_cpus[0]: logical_cpus[:2]}, config,
-                                     loss_scale=policy_name == "mixed_float16")
+                                     loss_scale=policy_name == "mixed_float16", **NARROW)
     model.get_layer("fc8").layer.bias.assign(np.eye(10)[0] * 1000)
     before = [v.numpy() for v in model.trainable_variables]
     step = make_train_step(strategy, model, optimizer, config)
@@ -276,7 +288,7 @@ def test_mixed_precision_steps_learn_with_lrn_in_float32(policy, policy_name, lo
     strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
     config = Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9)
     model, optimizer = model_and_sgd(strategy, {logical_cpus[0]: logical_cpus[:2]}, config, num_classes=4,
-                                     init="caffe", loss_scale=policy_name == "mixed_float16")
+                                     init="caffe", loss_scale=policy_name == "mixed_float16", **NARROW)
     step = make_train_step(strategy, model, optimizer, config)
     images = tf.random.stateless_normal([4, 227, 227, 3], [0, 3], stddev=50)
     labels = tf.constant([0, 1, 2, 3])
@@ -328,11 +340,3 @@ def test_a_mixed_float16_step_of_two_replicas_is_one_replicas_step(policy, logic
     print("mixed_float16, 2 replicas against 1: largest difference / step size", max(errors))
     assert max(errors) <= 2e-3, errors
 
-
-if __name__ == "__main__":  # The steps of test_one_step_of_two_replicas_is_one_replicas_step, into argv[1].
-    distribute.split_cpu(4)
-    cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
-    images, labels = tf.random.stateless_normal([8, 227, 227, 3], [0, 4], stddev=50), tf.range(8)
-    plans = {"a": (cpus[:2], 2), "b": (cpus, 2), "c": (cpus[:2], 1)}
-    np.savez(sys.argv[1], **{f"{plan}{i}": step for plan, (devices, towers) in plans.items()
-                             for i, step in enumerate(one_step(devices, towers, images, labels))})

@@ -75,3 +75,30 @@ def test_a_source_read_in_order_still_gets_one_permutation_an_epoch():
     assert sorted(first) == sorted(second) == list(range(1000))
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(order(source, 100, 10, 1, first_step=4), second[400:])
+
+
+def test_a_tfds_dataset_in_array_record_files_has_random_access(tmp_path):
+    """Prepared with file_format="array_record" (tfds build --file_format=array_record), a TFDS split
+    is read by index (tfds's data source): its epochs are permutations of the same images as the
+    tfrecord files hold, in their order."""
+    from test_data import AlexnetTestImages  # noqa: F401 (registers the builder)
+    import tensorflow_datasets as tfds
+    for file_format in ("tfrecord", "array_record"):
+        tfds.builder("alexnet_test_images", data_dir=str(tmp_path / file_format),
+                     file_format=file_format).download_and_prepare()
+    tfrecord, array_record = (sources.load_source("alexnet_test_images", "train", data_dir=str(tmp_path / f))
+                              for f in ("tfrecord", "array_record"))
+    assert tfrecord.lookup is None and array_record.lookup is not None and array_record.num_examples == 18
+    in_order = [(image, label) for image, label in sources.decoded_images(array_record)[0].as_numpy_iterator()]
+    expected = list(sources.decoded_images(tfrecord)[0].as_numpy_iterator())
+    for (image, label), (want_image, want_label) in zip(in_order, expected, strict=True):
+        np.testing.assert_array_equal(image, want_image)
+        assert label == want_label
+    epochs = [data.epoch_records(array_record, 6, 3, 0, epoch) for epoch in range(2)]
+    for epoch in epochs:
+        indices, payloads, labels = (np.concatenate(part) for part in zip(*epoch.as_numpy_iterator()))
+        assert sorted(indices) == list(range(18))
+        for index, payload, label in zip(indices, payloads, labels):
+            np.testing.assert_array_equal(tf.io.decode_png(payload).numpy()[0, 0], in_order[index][0][0, 0])
+            assert label == in_order[index][1]
+    assert not np.array_equal(*[np.concatenate([b[0] for b in e.as_numpy_iterator()]) for e in epochs])
