@@ -13,16 +13,46 @@ change (epochs, learning rate, ...) are recorded in config.json with the step th
 labels.txt and stats.npz are written once, when the run is created.
 """
 import collections
+import fcntl
 import json
 import os
 import re
+import socket
 
 import tensorflow as tf
 
 from keras_alexnet.files import atomic_write
 
 CONFIG, LABELS, STATS, CHECKPOINTS = "config.json", "labels.txt", "stats.npz", "checkpoints"
-HISTORY = "history.jsonl"
+HISTORY, LOCK = "history.jsonl", ".lock"
+
+
+class RunLock:
+    """One process at a time writes a run directory: an exclusive POSIX lock on MODEL_DIR/.lock, which
+    the OS drops when its process ends, by kill -9 too (a stale lock is no lock). The file names the
+    holder, for the refusal of the next process. Local directories only: GCS has no locks."""
+
+    def __init__(self, model_dir):
+        self.fd = None
+        if "://" in model_dir:
+            return
+        os.makedirs(model_dir, exist_ok=True)
+        fd = os.open(os.path.join(model_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{model_dir} is in use by {holder}: one process at a time writes a run "
+                             "(wait for it to end, or stop it)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # Closing drops the lock.
+            self.fd = None
 
 RunFiles = collections.namedtuple("RunFiles", ["config", "class_names", "stats_path"])
 

@@ -30,6 +30,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, preprocess
+from keras_alexnet.files import atomic_write
 from keras_alexnet.model import build_alexnet
 
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # bvlc_alexnet's ilsvrc_2012_mean.npy averaged per channel.
@@ -175,9 +176,19 @@ def parse_mean(text):
 
 
 def convert(onnx_path, model_dir, labels=None, mean_bgr=CAFFE_MEAN_BGR):
-    """Writes the run directory (checkpoint at step 0, config.json, labels.txt, stats.npz); returns the model."""
+    """Writes the run directory (checkpoint at step 0, config.json, labels.txt, stats.npz); returns the model.
+
+    A directory that holds anything but a converted run is refused; a converted run is replaced whole
+    (files.atomic_write), holding its lock meanwhile.
+    """
     if not os.path.isfile(onnx_path):
         raise ConversionError(f"no such ONNX file: {onnx_path}")
+    if os.path.isdir(model_dir) and set(os.listdir(model_dir)) - {checkpoint.LOCK}:
+        config = os.path.join(model_dir, checkpoint.CONFIG)
+        if not os.path.isfile(config) or "converted_from" not in checkpoint.read_run_files(model_dir).config:
+            raise ConversionError(f"{model_dir} holds files but no converted run (a training run?): convert into a "
+                                  "new or empty --model_dir")
+    lock = checkpoint.RunLock(model_dir)
     caffe = read_onnx(onnx_path)
     kwargs = model_kwargs(caffe)
     if labels:
@@ -192,9 +203,13 @@ def convert(onnx_path, model_dir, labels=None, mean_bgr=CAFFE_MEAN_BGR):
         model.get_layer(name).set_weights(weights)
     config = {"model": kwargs, "dataset": None, "converted_from": os.path.abspath(onnx_path),
               "mean_bgr": list(mean_bgr)}
-    checkpoint.write_run_files(model_dir, config, class_names, mean_stats(mean_bgr))
-    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(0, dtype=tf.int64))
-    tf.train.CheckpointManager(ckpt, os.path.join(model_dir, checkpoint.CHECKPOINTS), max_to_keep=1).save()
+    try:
+        with atomic_write(model_dir) as staging:
+            checkpoint.write_run_files(staging, config, class_names, mean_stats(mean_bgr))
+            ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(0, dtype=tf.int64))
+            tf.train.CheckpointManager(ckpt, os.path.join(staging, checkpoint.CHECKPOINTS), max_to_keep=1).save()
+    finally:
+        lock.release()
     return model
 
 

@@ -63,6 +63,16 @@ class Trainer:
                         "init": config.init, **narrow, **config.model}
         run_config = {**dataclasses.asdict(config), "model": model_kwargs, "steps_per_epoch": self.steps_per_epoch,
                       "input_shape": list(INPUT_SHAPE)}
+        self.lock = checkpoint.RunLock(config.model_dir) if self.chief else None  # Before the run is read.
+        try:
+            self._open(run_config, model_kwargs, plan)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, run_config, model_kwargs, plan):
+        """The run's model, optimizer and state, restored or new; its writers, step functions and validation data."""
+        config, strategy = self.config, self.strategy
         changes = checkpoint.check_resume(config.model_dir, run_config, self.train_source.class_names)
         logging.info("devices: %s", "; ".join(f"replica {i} on {r} -> towers on {a}, {b}"
                                                for i, (r, (a, b)) in enumerate(plan.items())))
@@ -88,10 +98,18 @@ class Trainer:
     def fit(self):
         """The epochs left to train; returns the last validation metrics ({} when none were left)."""
         val_metrics = {}
-        while self.epoch < self.config.epochs:
-            val_metrics = self.end_epoch(self.train_epoch())
-        self.finish()
+        try:
+            while self.epoch < self.config.epochs:
+                val_metrics = self.end_epoch(self.train_epoch())
+            self.finish()
+        finally:
+            self.close()
         return val_metrics
+
+    def close(self):
+        """Lets another process write the run directory."""
+        if self.lock:
+            self.lock.release()
 
     def _build(self, model_kwargs, plan):
         config = self.config

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageFont
 
-from conftest import write_run
+from conftest import NARROW, write_run
 from keras_alexnet import cli, embed, figures, filters, neighbors, preprocess
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet, conv1_kernels
@@ -23,11 +23,12 @@ from keras_alexnet.model import build_alexnet, conv1_kernels
 CLASSES = ("circles", "stripes", "noise")
 LABELS = [f"class{i}" for i in range(10)]  # The model's 10 classes.
 TENSORBOARD = Path(sys.executable).with_name("tensorboard")
+FC7 = 4096 // 16  # fc7's units in the narrow net (conftest.NARROW; 4096 in the paper's).
 
 
 def build_model():
     # Glorot weights: under the paper's N(0, 0.01) an untrained net's fc7 varies ~1% between images.
-    return build_alexnet(10, seed=0, init="glorot")
+    return build_alexnet(10, seed=0, init="glorot", **NARROW)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_embed_writes_aligned_rows_metadata_and_sprite(embedded, image_folder, s
     assert [m[0] for m in metadata] == files
     assert [m[1] for m in metadata] == [f.split("/")[0] for f in files]
     fc7 = checkpointed_fc7(logdir)
-    assert fc7.shape == (12, 4096) and fc7.dtype == np.float32
+    assert fc7.shape == (12, FC7) and fc7.dtype == np.float32
     np.testing.assert_array_equal(np.load(logdir / embed.FC7), fc7)  # fc7.npy: the same rows, for numpy.
     # Row i is file i: the export's own decode path (features_images) gives the same vectors.
     encoded = tf.constant([(image_folder / f).read_bytes() for f in files])
@@ -128,7 +129,7 @@ def test_embed_max_images_takes_the_first_in_sorted_order(saved_model, image_fol
     _, metadata = read_metadata(tmp_path)
     assert [m[0] for m in metadata] == ["circles/circles0.jpg", "circles/circles1.png", "circles/circles2.jpg",
                                         "circles/circles3.png", "noise/noise0.jpg"]
-    assert checkpointed_fc7(tmp_path).shape == (5, 4096)
+    assert checkpointed_fc7(tmp_path).shape == (5, FC7)
     assert Image.open(tmp_path / embed.SPRITE).size == (3 * 64, 3 * 64)
 
 
@@ -137,7 +138,7 @@ def test_embed_a_dataset_split(saved_model, tmp_path):
     _, metadata = read_metadata(tmp_path)
     assert rows == 3 and [m[0] for m in metadata] == ["validation/000000", "validation/000001",
                                                        "validation/000002"]
-    assert checkpointed_fc7(tmp_path).shape == (3, 4096)
+    assert checkpointed_fc7(tmp_path).shape == (3, FC7)
 
 
 def test_embed_real_photos_flat_folder(saved_model, photos, tmp_path):
@@ -319,12 +320,13 @@ def test_filters_from_a_saved_model(saved_model, tmp_path):
 
 
 def test_filters_from_a_one_tower_export(tmp_path):
-    """The one-tower ablation model's export has one [11, 11, 3, 96] conv1 kernel, found by name."""
-    model = build_alexnet(10, towers=1, seed=2)
+    """The one-tower ablation model's export has one [11, 11, 3, 96] conv1 kernel (6 in the narrow net), found
+    by name."""
+    model = build_alexnet(10, towers=1, seed=2, **NARROW)
     path = export_saved_model(model, [f"class{i}" for i in range(10)], preprocess.Stats.imagenet(), str(tmp_path), 1)
     saturations = filters.run(str(tmp_path / "f.png"), saved_model=path, columns=16, scale=1)
     expected = conv1_kernels(model)
-    assert [k.shape for k in expected] == [(11, 11, 3, 96)]
+    assert [k.shape for k in expected] == [(11, 11, 3, 96 // 16)]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), figures.kernel_grid(expected, 16, 1))
     assert saturations == {"A": pytest.approx(filters.saturation(expected[0]))}
 
@@ -354,10 +356,10 @@ def test_tensorboard_serves_the_projector(embedded, free_port):
         assert runs == ["."]
         info = json.loads(get(f"{base}/info?run=."))
         [embedding] = [e for e in info["embeddings"] if e["tensorName"] == embed.TENSOR_NAME]
-        assert [int(d) for d in embedding["tensorShape"]] == [12, 4096]
+        assert [int(d) for d in embedding["tensorShape"]] == [12, FC7]
         assert [int(d) for d in embedding["sprite"]["singleImageDim"]] == [64, 64]
         name = urllib.parse.quote(embed.TENSOR_NAME)
-        tensor = np.frombuffer(get(f"{base}/tensor?run=.&name={name}"), np.float32).reshape(12, 4096)
+        tensor = np.frombuffer(get(f"{base}/tensor?run=.&name={name}"), np.float32).reshape(12, FC7)
         np.testing.assert_array_equal(tensor, checkpointed_fc7(logdir))
         metadata = get(f"{base}/metadata?run=.&name={name}").decode().splitlines()
         assert metadata == (logdir / embed.METADATA).read_text().splitlines()

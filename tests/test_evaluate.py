@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import reference_errors, write_run
+from conftest import NARROW, reference_errors, write_run
 from keras_alexnet import metrics, preprocess
 from keras_alexnet.model import build_alexnet
 
@@ -20,7 +20,7 @@ CLASSES = sorted(COLOURS)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run directory with a checkpoint of a 7-class model, and a small folder dataset."""
+    """A run directory with a checkpoint of a 7-class narrow model, and a small folder dataset."""
     root = tmp_path_factory.mktemp("evaluate")
     rng = np.random.default_rng(0)
     for split, count in [("train", 1), ("val", 2)]:
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
                 pixels = rng.integers(0, 80, (240, 300, 3), dtype=np.uint8)
                 pixels += np.uint8(170) * np.array(COLOURS[name], np.uint8)  # Dominant channels per class.
                 Image.fromarray(pixels).save(root / "data" / split / name / f"{i}.jpg")
-    model_kwargs = {"num_classes": len(CLASSES), "init": "glorot"}
+    model_kwargs = {"num_classes": len(CLASSES), "init": "glorot", **NARROW}
     model = build_alexnet(**model_kwargs, seed=1)
     write_run(root / "run", model, model_kwargs, CLASSES, step=42, dataset=str(root / "data"))
     return root, model

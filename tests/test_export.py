@@ -14,13 +14,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import write_run
+from conftest import NARROW, write_run
 from keras_alexnet import checkpoint, data, export, make_npy, preprocess, sources
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 
 SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
 CLASSES = [f"class {i}" for i in range(10)]
-MODEL = {"num_classes": 10, "seed": 3, "init": "glorot"}  # Glorot: distinct outputs per image.
+MODEL = {"num_classes": 10, "seed": 3, "init": "glorot"}  # Glorot: distinct outputs per image. The paper's net:
+# its size (stored once), fc7's 4096 in the signatures; the tests of behaviour alone build a narrow one.
 STEP = 7
 
 
@@ -46,6 +47,14 @@ def run_dir(tmp_path_factory, stats):
     model_dir = tmp_path_factory.mktemp("run")
     model = build_alexnet(**MODEL)
     return write_run(model_dir, model, MODEL, CLASSES, step=STEP, stats=stats), model
+
+
+@pytest.fixture(scope="module")
+def narrow_run_dir(tmp_path_factory, stats):
+    """run_dir of a narrow net."""
+    model_dir = tmp_path_factory.mktemp("narrow_run")
+    model = build_alexnet(**MODEL, **NARROW)
+    return write_run(model_dir, model, {**MODEL, **NARROW}, CLASSES, step=STEP, stats=stats), model
 
 
 @pytest.fixture(scope="module")
@@ -245,20 +254,21 @@ def test_warmup_requests_parse_as_tf_serving_prediction_logs(exported, loaded):
 
 
 def test_fewer_than_five_classes_give_that_many_top_classes(stats):
-    module = export.serving_module(build_alexnet(3, seed=0, init="glorot"), ["a", "b", "c"], stats)
+    module = export.serving_module(build_alexnet(3, seed=0, init="glorot", **NARROW), ["a", "b", "c"], stats)
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 227, 227, 3)), tf.float32)
     outputs = module.serving_default(images=images)
     assert outputs["top5_classes"].shape == (2, 3) and outputs["top5_labels"].shape == (2, 3)
     np.testing.assert_array_equal(outputs["top5_classes"], np.argsort(-outputs["probabilities"].numpy(), axis=1))
     with pytest.raises(ValueError, match="2 class names for a model of 3 classes"):
-        export.serving_module(build_alexnet(3, seed=0), ["a", "b"], stats)
+        export.serving_module(build_alexnet(3, seed=0, **NARROW), ["a", "b"], stats)
 
 
-def test_export_function_writes_and_replaces_a_version(keras_model, stats, tmp_path):
-    path = export.export_saved_model(keras_model, CLASSES, stats, str(tmp_path), 3)
+def test_export_function_writes_and_replaces_a_version(narrow_run_dir, stats, tmp_path):
+    _, model = narrow_run_dir
+    path = export.export_saved_model(model, CLASSES, stats, str(tmp_path), 3)
     assert path == str(tmp_path / "3")
     (tmp_path / "3" / "stale").write_text("from an older export")
-    assert export.export_saved_model(keras_model, CLASSES, stats, str(tmp_path), 3) == path
+    assert export.export_saved_model(model, CLASSES, stats, str(tmp_path), 3) == path
     assert sorted(os.listdir(tmp_path)) == ["3"] and not (tmp_path / "3" / "stale").exists()
 
 
@@ -370,8 +380,8 @@ def test_tiny_images_are_refused_alike_in_serving_and_training(side, loaded, tmp
     assert (len(decoded), skipped()) == ((0, 1) if side < preprocess.MIN_SIDE else (1, 0))
 
 
-def test_export_command_sets_the_size_limit_and_says_what_it_replaced(run_dir, image_files, tmp_path):
-    model_dir, _ = run_dir
+def test_export_command_sets_the_size_limit_and_says_what_it_replaced(narrow_run_dir, image_files, tmp_path):
+    model_dir, _ = narrow_run_dir
     (tmp_path / str(STEP)).mkdir()
     (tmp_path / str(STEP) / "stale").write_text("an older export")
     result = run_cli("-m", "keras_alexnet.export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}",

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps, PngImagePlugin
 
-from conftest import shared_data
+from conftest import NARROW, shared_data
 from keras_alexnet import export, preprocess
 from keras_alexnet.model import build_alexnet
 
@@ -51,8 +51,8 @@ def files(tmp_path_factory, long_image):
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory):
-    """(serving module, its SavedModel) of one 2-class AlexNet."""
-    model = build_alexnet(num_classes=2, seed=0)
+    """(serving module, its SavedModel) of one 2-class narrow AlexNet."""
+    model = build_alexnet(num_classes=2, seed=0, **NARROW)
     stats = preprocess.Stats.imagenet()
     saved = export.export_saved_model(model, ["cat", "dog"], stats, str(tmp_path_factory.mktemp("export")), 1)
     return export.serving_module(model, ["cat", "dog"], stats), saved

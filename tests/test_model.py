@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_alexnet
+from conftest import NARROW
 from keras_alexnet.model import build_alexnet, feature_model
 
 SHAPES = {  # Per tower, the paper's layer sizes (section 3.5 and Figure 2).
@@ -21,6 +22,8 @@ SHAPES = {  # Per tower, the paper's layer sizes (section 3.5 and Figure 2).
 
 @pytest.fixture(scope="module")
 def alexnet():
+    """The paper's net: its parameter count, shapes, connectivity and fc7 are the point here. Tests of
+    initialisation, placement and knobs build narrow nets (conftest.NARROW)."""
     return build_alexnet(seed=0)
 
 
@@ -65,7 +68,8 @@ def test_towers_meet_only_at_conv3_fc6_fc7(alexnet):
      {"conv1": 0, "conv2": 0.1, "conv3": 0, "conv4": 0.1, "conv5": 0.1, "fc6": 0.1, "fc7": 0.1, "fc8": 0}),
 ])
 def test_initialisation(init, weight_std, biases):
-    model = build_alexnet(10, init=init, seed=1)
+    # A quarter of the width: conv1_b still has 4,356 weights, its std within 5% by 4.7 standard errors.
+    model = build_alexnet(10, init=init, seed=1, width=1 / 4)
     for name, std in weight_std.items():
         layer = inner(model, name if name == "fc8" else name + "_b")
         kernel = layer.kernel.numpy()
@@ -76,17 +80,18 @@ def test_initialisation(init, weight_std, biases):
 
 
 def test_glorot_init_and_unknown_init():
-    model = build_alexnet(10, init="glorot", seed=1)
+    model = build_alexnet(10, init="glorot", seed=1, **NARROW)
     kernel = inner(model, "fc6_a").kernel.numpy()
-    limit = np.sqrt(6 / (9216 + 2048))
+    fan_in, fan_out = kernel.shape  # 9216 and 2048 in the paper's net.
+    limit = np.sqrt(6 / (fan_in + fan_out))
     assert kernel.max() <= limit and kernel.min() >= -limit and kernel.std() == pytest.approx(limit / np.sqrt(3), rel=0.02)
     assert not inner(model, "conv2_a").bias.numpy().any()
     with pytest.raises(ValueError, match="unknown init 'he'"):
-        build_alexnet(10, init="he")
+        build_alexnet(10, init="he", **NARROW)
 
 
 def test_seed_makes_weights_reproducible():
-    a, b, c = build_alexnet(10, seed=3), build_alexnet(10, seed=3), build_alexnet(10, seed=4)
+    a, b, c = (build_alexnet(10, seed=seed, **NARROW) for seed in (3, 3, 4))
     np.testing.assert_array_equal(inner(a, "conv1_a").kernel, inner(b, "conv1_a").kernel)
     assert not np.array_equal(inner(a, "conv1_a").kernel, inner(c, "conv1_a").kernel)
     assert not np.array_equal(inner(a, "conv1_a").kernel, inner(a, "conv1_b").kernel)
@@ -106,7 +111,7 @@ def op_devices(concrete_function):
 
 
 def test_towers_run_on_their_own_devices(logical_cpus):
-    model = build_alexnet(10, tower_devices=(logical_cpus[0], logical_cpus[1]), seed=0)
+    model = build_alexnet(10, tower_devices=(logical_cpus[0], logical_cpus[1]), seed=0, **NARROW)
     forward = tf.function(lambda x: model(x, training=True))
     devices = op_devices(forward.get_concrete_function(tf.TensorSpec([2, 227, 227, 3])))
     assert len(devices) == 19  # Per tower 5 convolutions, 2 LRN window sums, fc6, fc7; and fc8.
@@ -119,7 +124,7 @@ def test_a_plan_places_each_replicas_towers(logical_cpus):
     cpu0, cpu1, cpu2, cpu3 = logical_cpus
     strategy = tf.distribute.MirroredStrategy([cpu0, cpu1])
     with strategy.scope():
-        model = build_alexnet(10, tower_devices={cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}, seed=0)
+        model = build_alexnet(10, tower_devices={cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}, seed=0, **NARROW)
 
     @tf.function
     def forward(x):
@@ -135,22 +140,22 @@ def test_a_plan_places_each_replicas_towers(logical_cpus):
 
 
 def test_ablation_knobs():
-    no_lrn = build_alexnet(10, lrn=False)
+    no_lrn = build_alexnet(10, lrn=False, **NARROW)
     assert not [layer for layer in no_lrn.layers if layer.name.startswith("lrn")]
-    pool = build_alexnet(10, pool_size=2, pool_stride=2)
-    assert inner(pool, "pool1_a").pool_size == (2, 2) and pool.get_layer("pool5_a").output.shape == (None, 6, 6, 128)
-    one = build_alexnet(1000, towers=1)
+    pool = build_alexnet(10, pool_size=2, pool_stride=2, **NARROW)
+    assert inner(pool, "pool1_a").pool_size == (2, 2) and pool.get_layer("pool5_a").output.shape == (None, 6, 6, 8)
+    one = build_alexnet(1000, towers=1)  # The paper's width: its parameter count is the point.
     conv = 11 * 11 * 3 * 96 + 96 + 5 * 5 * 96 * 256 + 256 + 3 * 3 * 256 * 384 + 384 \
         + 3 * 3 * 384 * 384 + 384 + 3 * 3 * 384 * 256 + 256  # No grouping in conv2, conv4, conv5.
     dense = 9216 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000
     assert one.count_params() == conv + dense
-    no_dropout = build_alexnet(10, dropout_rate=0.0, seed=0)
+    no_dropout = build_alexnet(10, dropout_rate=0.0, seed=0, **NARROW)
     x = np.ones((1, 227, 227, 3), "float32")
     np.testing.assert_array_equal(no_dropout(x, training=True), no_dropout(x, training=True))
 
 
 def test_keras_file_round_trip_keeps_outputs_and_placement(tmp_path, logical_cpus):
-    model = build_alexnet(10, tower_devices=[logical_cpus[0], logical_cpus[1]], seed=2)
+    model = build_alexnet(10, tower_devices=[logical_cpus[0], logical_cpus[1]], seed=2, **NARROW)
     model.save(tmp_path / "alexnet.keras")
     loaded = keras.models.load_model(tmp_path / "alexnet.keras")
     x = np.random.default_rng(1).normal(0, 50, (2, 227, 227, 3)).astype("float32")
@@ -160,8 +165,9 @@ def test_keras_file_round_trip_keeps_outputs_and_placement(tmp_path, logical_cpu
 
 def test_summary_prints_the_layer_table(alexnet):
     out = io.StringIO()
+    assert keras_alexnet.build_alexnet is build_alexnet
     with contextlib.redirect_stdout(out):
-        keras_alexnet.build_alexnet().summary(line_length=150)
+        alexnet.summary(line_length=150)
     text = out.getvalue()
     for name in ("conv1_a", "lrn1_b", "conv3_in_a", "fc7", "fc8", "probabilities"):
         assert name in text

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import NARROW
 from keras_alexnet import checkpoint, distribute, model, preprocess, summaries, trainer
 from keras_alexnet.config import PRESETS, Config
 from keras_alexnet.model import build_alexnet
@@ -21,7 +23,8 @@ from keras_alexnet.step import WarmupThenPlateau, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small, fast runs: tiny batches, few steps, a capped validation pass.
+# Small, fast runs: tiny batches, few steps, a capped validation pass. Of the paper's net: keras_alexnet.train
+# has no flag for the width (the in-process runs below, tiny_run, train the narrow net).
 FAST = ["--dataset=synthetic", "--batch_size=8", "--steps_per_epoch=4", "--eval_steps=2",
         "--init=caffe", "--cpu_devices=2", "--shuffle_buffer=64"]
 
@@ -43,7 +46,7 @@ def step_setup(replica_plan):
     # A large weight decay, so that its term is as big as the gradient's and a missing one shows.
     config = Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9, weight_decay=0.5)
     with strategy.scope():
-        model = build_alexnet(10, tower_devices=plan, dropout_rate=0.0, init="caffe", seed=3)
+        model = build_alexnet(10, tower_devices=plan, dropout_rate=0.0, init="caffe", seed=3, **NARROW)
         optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
         optimizer.build(model.trainable_variables)
     return strategy, model, optimizer, config, make_train_step(strategy, model, optimizer, config)
@@ -52,7 +55,7 @@ def step_setup(replica_plan):
 def test_two_steps_follow_the_papers_update_rule(step_setup):
     """v <- 0.9 v - 0.0005 eps w - eps dL/dw; w <- w + v, with dL/dw of the global-batch mean loss."""
     strategy, model, optimizer, config, step = step_setup
-    reference = build_alexnet(10, dropout_rate=0.0, init="caffe", seed=99)
+    reference = build_alexnet(10, dropout_rate=0.0, init="caffe", seed=99, **NARROW)
     rng = np.random.default_rng(0)
     images = rng.normal(0, 60, (4, 227, 227, 3)).astype("float32")
     labels = np.array([0, 3, 5, 9], "int32")
@@ -128,6 +131,7 @@ def test_stuck_runs_are_judged_by_steps_taken():
     check_stuck(9, 10_000, Config(stuck_steps=0))  # 0: never.
 
 
+@pytest.mark.slow
 def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
     result = run_trainer(tmp_path, "--learning_rate=1e-9", "--epochs=5", "--steps_per_epoch=2", "--stuck_steps=6")
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: training loss")]
@@ -161,6 +165,7 @@ def test_bad_input_stops_with_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path, final_digest):
     """A run killed with SIGKILL resumes from its last checkpoint, completes and exports (--export_dir)."""
     args = [*FAST, f"--model_dir={tmp_path}", "--epochs=2", "--checkpoint_every=2"]
@@ -186,10 +191,12 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, final_digest):
     assert len((tmp_path / "labels.txt").read_text().splitlines()) == 10
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumed_deterministic_run_matches_uninterrupted(tmp_path, final_digest):
     args = ["--epochs=2", "--deterministic", "--seed=5", "--checkpoint_every=3"]
     whole = run_trainer(tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    shutil.rmtree(tmp_path / "whole")  # Its digest is all that is compared: its checkpoints (700 MB each) go.
     process = subprocess.Popen([sys.executable, "-m", "keras_alexnet.train", *FAST, *args,
                                 f"--model_dir={tmp_path / 'split'}"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -223,8 +230,9 @@ def image_folder(root, classes, per_class=4, corrupt=False):
 
 
 def tiny_run(model_dir, dataset=None, logical_cpus=None, **changes):
+    """A run of the narrow net (unless `changes` give another `model`) in this process."""
     settings = {**dict(dataset=dataset, model_dir=str(model_dir), batch_size=4, epochs=1, steps_per_epoch=1,
-                       eval_steps=1, shuffle_buffer=16, init="caffe"), **changes}
+                       eval_steps=1, shuffle_buffer=16, init="caffe", model=NARROW), **changes}
     strategy, plan = distribute.make_strategy(2, logical_cpus[:2])
     trainer.set_up_process(Config(**settings))
     return trainer.Trainer(Config(**settings), strategy, plan).fit()
@@ -252,19 +260,16 @@ def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_c
     assert int(tf.train.latest_checkpoint(run / "checkpoints").rsplit("-", 1)[1]) == 1
 
 
-NARROW = {"width": 1 / 16}  # Resume rules need no 61M-parameter net.
-
-
 def test_a_resume_refuses_flags_that_change_what_the_run_computes(tmp_path, logical_cpus):
     run = tmp_path / "run"
-    tiny_run(run, "synthetic", logical_cpus, model=NARROW)
+    tiny_run(run, "synthetic", logical_cpus)
     config = (run / "config.json").read_bytes()
     preprocess.Stats.imagenet().save(tmp_path / "other.npz")
     for key, old, new in [("stats", None, str(tmp_path / "other.npz")), ("weight_decay", 0.0005, 0.001),
                           ("momentum", 0.9, 0.5), ("dropout_rate", 0.5, 0.1), ("seed", 0, 3),
                           ("pca_lighting", True, False), ("init", "caffe", "paper"), ("decay_biases", False, True)]:
         with pytest.raises(ValueError, match=re.escape(f"was trained with --{key} {old}, not {new}: resume with")):
-            tiny_run(run, "synthetic", logical_cpus, model=NARROW, **{key: new})
+            tiny_run(run, "synthetic", logical_cpus, **{key: new})
     with pytest.raises(ValueError, match=re.escape("was trained with network {'")):
         tiny_run(run, "synthetic", logical_cpus, model={"width": 1 / 8})
     assert (run / "config.json").read_bytes() == config
@@ -273,8 +278,8 @@ def test_a_resume_refuses_flags_that_change_what_the_run_computes(tmp_path, logi
 def test_a_resume_applies_epochs_learning_rate_and_checkpoint_every_and_records_them(tmp_path, logical_cpus):
     """The resumed epoch trains at the new rate (history.jsonl), and config.json says from which step."""
     run = tmp_path / "run"
-    tiny_run(run, "synthetic", logical_cpus, model=NARROW, learning_rate=0.01)
-    tiny_run(run, "synthetic", logical_cpus, model=NARROW, epochs=2, learning_rate=0.002, checkpoint_every=7)
+    tiny_run(run, "synthetic", logical_cpus, learning_rate=0.01)
+    tiny_run(run, "synthetic", logical_cpus, epochs=2, learning_rate=0.002, checkpoint_every=7)
     config = json.loads((run / "config.json").read_text())
     assert (config["epochs"], config["learning_rate"], config["checkpoint_every"]) == (2, 0.002, 7)
     assert config["changes"] == [{"step": 1, "flag": "epochs", "was": 1, "now": 2},
