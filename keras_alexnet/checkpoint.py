@@ -21,6 +21,7 @@ import socket
 
 import tensorflow as tf
 
+from keras_alexnet.cli import one_line
 from keras_alexnet.files import atomic_write
 
 CONFIG, LABELS, STATS, CHECKPOINTS = "config.json", "labels.txt", "stats.npz", "checkpoints"
@@ -124,6 +125,48 @@ def restore_training(ckpt, path):
         missing = sorted({re.sub(r"/replica_\d+$", "", name) for name in names}) or ["some values"]
         raise ValueError(f"{path} was written by another version of keras_alexnet: it lacks {', '.join(missing)}; "
                          "train in a new --model_dir, or start one from its weights with --init_from") from None
+
+
+def restore_intact(directory, restore, step=None):
+    """Calls `restore(path)` on the newest checkpoint in `directory` (or the one of `step`), then on older
+    ones while it finds them damaged (cut short, without its .index, bytes overwritten): returns (the path
+    restored, [(damaged path, why)], newest first). FileNotFoundError when there is none to restore."""
+    state = tf.train.get_checkpoint_state(directory)
+    paths = list(reversed(state.all_model_checkpoint_paths)) if state else []
+    if step is not None:
+        chosen = [path for path in paths if path.endswith(f"-{step}")]
+        if not chosen:
+            steps = ", ".join(sorted((path.rsplit("-", 1)[1] for path in paths), key=int)) or "none"
+            raise FileNotFoundError(f"{directory} has no checkpoint of step {step} (it has: {steps})")
+        paths = chosen
+    damaged = []
+    for path in paths:
+        try:
+            restore(path)
+            return path, damaged
+        except (tf.errors.OpError, IndexError) as error:  # Reading a cut file raises IndexError.
+            damaged.append((path, one_line(error)))
+    if damaged:
+        raise ValueError(f"every checkpoint in {directory} is damaged: " + "; ".join(
+            f"{os.path.basename(path)} ({why})" for path, why in damaged))
+    raise FileNotFoundError(f"{os.path.dirname(directory.rstrip('/'))} has no checkpoint under {CHECKPOINTS}/")
+
+
+def damage_report(damaged, used):
+    """The one line saying which checkpoints were damaged and which one was used instead."""
+    return (f"damaged checkpoint{'s' if len(damaged) > 1 else ''} "
+            + "; ".join(f"{os.path.basename(path)} ({why})" for path, why in damaged)
+            + f": using {os.path.basename(used)}")
+
+
+def forget(directory, damaged, used):
+    """Drops damaged checkpoints from `directory`'s list, so that training goes on from `used` (their
+    files stay, for a look; the next saves of those steps replace them)."""
+    state = tf.train.get_checkpoint_state(directory)
+    bad = {path for path, _ in damaged}
+    kept = [path for path in state.all_model_checkpoint_paths if path not in bad]
+    tf.compat.v1.train.update_checkpoint_state(directory, os.path.basename(used),  # Relative, as the manager's.
+                                               [os.path.basename(path) for path in kept])
 
 
 def write_run_files(model_dir, config, class_names, stats):

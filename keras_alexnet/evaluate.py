@@ -27,6 +27,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_string("model_dir", None, "Training run to evaluate (its latest checkpoint).")
+    flags.DEFINE_integer("checkpoint", None, "The step of the checkpoint to read; default: the newest intact one.")
     flags.DEFINE_string("dataset", None, "Dataset to evaluate on; default: the run's own.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory; default: the run's own.")
     flags.DEFINE_string("split", "validation", "Split to evaluate.")
@@ -38,7 +39,7 @@ def define_flags():
 @cli.reports_errors()
 def main(argv):
     del argv
-    model, run, step = weights.restore_model(FLAGS.model_dir or "")
+    model, run, step = weights.restore_model(FLAGS.model_dir or "", FLAGS.checkpoint)
     dataset_name = FLAGS.dataset or run.config.get("dataset")
     if not dataset_name:  # A converted model has no dataset of its own.
         raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")

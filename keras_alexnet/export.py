@@ -166,6 +166,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():  # Not at import: train.py imports this module and has flags of the same names.
     flags.DEFINE_string("model_dir", None, "Training run to export (its latest checkpoint).")
+    flags.DEFINE_integer("checkpoint", None, "The step of the checkpoint to read; default: the newest intact one.")
     flags.DEFINE_string("export_dir", None, "Write the SavedModel to EXPORT_DIR/VERSION/.")
     flags.DEFINE_integer("version", None, "Version directory; default: the checkpoint's training step.")
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
@@ -180,7 +181,7 @@ def main(argv):
                          "image files into saved_model_cli inputs)")
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise ValueError("--model_dir and --export_dir are required")
-    model, run, step = weights.restore_model(FLAGS.model_dir)
+    model, run, step = weights.restore_model(FLAGS.model_dir, FLAGS.checkpoint)
     stats = preprocess.Stats.load(run.stats_path)
     version = step if FLAGS.version is None else FLAGS.version
     replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))

@@ -40,14 +40,14 @@ def saturation(kernels):
     return float((k.max(-1) - k.min(-1)).mean())
 
 
-def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scale=4):
+def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scale=4, step=None):
     """Writes the grid to `output`; returns {"A": saturation, "B": saturation} (just "A" for one tower)."""
     if bool(model_dir) == bool(saved_model):
         raise ValueError("give exactly one of --model_dir and --saved_model")
     if columns < 1 or scale < 1:
         raise ValueError("--columns and --scale must be positive")
     towers = kernels_from_saved_model(saved_model) if saved_model else conv1_kernels(
-        weights.restore_model(model_dir)[0])
+        weights.restore_model(model_dir, step)[0])
     Image.fromarray(figures.kernel_grid(towers, columns, scale)).save(output)
     return {"AB"[i]: saturation(kernels) for i, kernels in enumerate(towers)}
 
@@ -57,6 +57,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_string("model_dir", None, "Training run whose latest checkpoint to read.")
+    flags.DEFINE_integer("checkpoint", None, "The step of the checkpoint to read; default: the newest intact one.")
     flags.DEFINE_string("saved_model", None, "Instead of --model_dir: a SavedModel from keras_alexnet.export.")
     flags.DEFINE_string("output", "filters.png", "PNG to write.")
     flags.DEFINE_integer("columns", 16, "Kernels per row (16: three rows a tower, as in Figure 3).")
@@ -66,7 +67,7 @@ def define_flags():
 @cli.reports_errors()
 def main(argv):
     del argv
-    saturations = run(FLAGS.output, FLAGS.model_dir, FLAGS.saved_model, FLAGS.columns, FLAGS.scale)
+    saturations = run(FLAGS.output, FLAGS.model_dir, FLAGS.saved_model, FLAGS.columns, FLAGS.scale, FLAGS.checkpoint)
     print(f"wrote {FLAGS.output}")
     for tower, value in saturations.items():
         print(f"tower {tower}: mean colour saturation (HSV chroma) of its kernels {value:.3f}")

@@ -133,17 +133,21 @@ class Trainer:
         self.checkpoint_dir = os.path.join(config.model_dir, checkpoint.CHECKPOINTS)
         own_dir = self.checkpoint_dir if self.chief else os.path.join(
             config.model_dir, f".worker{self.strategy.cluster_resolver.task_id}")
-        self.manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=3)
-        latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-        if latest:
-            checkpoint.restore_training(ckpt, latest)
-            logging.info("resumed from %s at step %d, epoch %d", latest, self.step, self.epoch)
+        if tf.train.get_checkpoint_state(self.checkpoint_dir):
+            path, damaged = checkpoint.restore_intact(self.checkpoint_dir,
+                                                      lambda path: checkpoint.restore_training(ckpt, path))
+            if damaged:
+                print(checkpoint.damage_report(damaged, path), flush=True)
+                if self.chief:  # Before the manager (and the preemption handler) read which one is newest.
+                    checkpoint.forget(self.checkpoint_dir, damaged, path)
+            logging.info("resumed from %s at step %d, epoch %d", path, self.step, self.epoch)
         elif config.init_from:  # A new run only: a resumed one has its own weights.
             loaded, skipped = weights.load_matching_weights(self.model, config.init_from)
             print(f"--init_from {config.init_from}: loaded {len(loaded)} layers; skipped {len(skipped)}: "
                   f"{', '.join(skipped) or 'none'}", flush=True)
         if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
             checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)
+        self.manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=3)
 
     def _apply(self, changes):
         """A resume's changed flags (checkpoint.RESUMABLE), from this step on, recorded in config.json."""

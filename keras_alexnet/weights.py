@@ -10,16 +10,19 @@ from keras_alexnet import checkpoint
 from keras_alexnet.model import build_alexnet
 
 
-def restore_model(model_dir, checkpoint_path=None):
-    """(model, run_files, step): the run's model with the weights of its latest (or a given) checkpoint."""
+def restore_model(model_dir, step=None):
+    """(model, run_files, step): the run's model with the weights of its newest intact checkpoint (or of
+    the one of `step`); a damaged newer one is named in a printed line (checkpoint.restore_intact)."""
     run = checkpoint.read_run_files(model_dir)
-    path = checkpoint_path or tf.train.latest_checkpoint(os.path.join(model_dir, checkpoint.CHECKPOINTS))
-    if path is None:
-        raise FileNotFoundError(f"{model_dir} has no checkpoint under {checkpoint.CHECKPOINTS}/")
     model = build_alexnet(**run.config["model"])
-    step = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
-    return model, run, int(step.numpy())
+    restored_step = tf.Variable(0, dtype=tf.int64)
+    values = tf.train.Checkpoint(model=model, step=restored_step)
+    path, damaged = checkpoint.restore_intact(
+        os.path.join(model_dir, checkpoint.CHECKPOINTS),
+        lambda path: values.restore(path).expect_partial().assert_existing_objects_matched(), step)
+    if damaged:
+        print(checkpoint.damage_report(damaged, path), flush=True)
+    return model, run, int(restored_step.numpy())
 
 
 # What a fine-tuned model sets for itself; the other build_alexnet arguments describe the weights' network.

@@ -278,14 +278,17 @@ def test_mixed_float16_decays_unscaled_gradients_exactly_as_float32(policy, logi
 def test_mixed_precision_steps_learn_with_lrn_in_float32(policy, policy_name, logical_cpus):
     keras.mixed_precision.set_dtype_policy(policy_name)
     strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
-    config = Config(batch_size=4, dropout_rate=0.0, learning_rate=0.01, momentum=0.9)
+    # The narrow net under Caffe's fillers passes almost no signal (its loss stays at ln 4 for these 6 steps):
+    # Glorot's scale with the fan-in, at a learning rate it does not diverge at. Under float16 the first steps
+    # overflow and are skipped while the loss scale comes down (seen: 2.27 thrice, then 1.61, 1.39, 1.20).
+    config = Config(batch_size=4, dropout_rate=0.0, learning_rate=1e-4, momentum=0.9)
     model, optimizer = model_and_sgd(strategy, {logical_cpus[0]: logical_cpus[:2]}, config, num_classes=4,
-                                     init="caffe", loss_scale=policy_name == "mixed_float16", **NARROW)
+                                     init="glorot", loss_scale=policy_name == "mixed_float16", **NARROW)
     step = make_train_step(strategy, model, optimizer, config)
     images = tf.random.stateless_normal([4, 227, 227, 3], [0, 3], stddev=50)
     labels = tf.constant([0, 1, 2, 3])
     losses = [float(step(images, labels)[0]) / 4 for _ in range(6)]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.005, losses  # ln 4 = 1.386 at first.
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.005, losses
     graph = step.get_concrete_function(images, labels).graph
     lrn_ops = [op for op in graph.get_operations() if "lrn1_a" in op.name and op.type in ("Pow", "MatMul", "Mul")]
     assert lrn_ops and all(op.outputs[0].dtype == tf.float32 for op in lrn_ops)

@@ -1,10 +1,15 @@
 """A run directory has one owner, and no tool writes into a run it did not make."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
 
 from conftest import run_cli
 from keras_alexnet import checkpoint, convert, preprocess
@@ -54,3 +59,58 @@ def test_convert_refuses_a_training_run_and_replaces_its_own_whole(tmp_path, bvl
     assert sorted(os.listdir(converted / "checkpoints")) == ["checkpoint", "ckpt-1.data-00000-of-00001",
                                                               "ckpt-1.index"]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # No staging left behind.
+
+
+def damage(run, how):
+    """Damages the newest of a run's checkpoints: `cut` 110 bytes off its .data, deletes its `index`,
+    or overwrites `bytes` in the middle of its .data."""
+    newest = tf.train.latest_checkpoint(run / "checkpoints")
+    data = Path(f"{newest}.data-00000-of-00001")
+    if how == "cut":
+        data.write_bytes(data.read_bytes()[:-110])
+    elif how == "index":
+        Path(f"{newest}.index").unlink()
+    else:
+        content = bytearray(data.read_bytes())
+        content[len(content) // 2:len(content) // 2 + 64] = bytes(64)
+        data.write_bytes(bytes(content))
+    return Path(newest).name
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A narrow run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("run")
+    done = subprocess.run([*TRAIN, f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("how", ["cut", "index", "bytes"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    damaged = damage(run, how)
+    assert damaged == "ckpt-4"
+    for program, args in [("evaluate", []), ("export", [f"--export_dir={tmp_path / 'export'}"]),
+                          ("filters", [f"--output={tmp_path / 'filters.png'}"])]:
+        result = run_cli("-m", f"keras_alexnet.{program}", f"--model_dir={run}", *args)
+        assert result.returncode == 0, (program, result.stderr[-3000:])
+        [line] = [line for line in result.stdout.splitlines() if line.startswith("damaged checkpoint")]
+        assert line.startswith("damaged checkpoint ckpt-4 (") and line.endswith("): using ckpt-2"), line
+    assert (tmp_path / "export" / "2").is_dir()  # The version is the checkpoint's step.
+    resumed = subprocess.run([*TRAIN, f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2",
+                              "--epochs=2"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "damaged checkpoint ckpt-4 (" in resumed.stdout and "epoch 1/2: 2 steps" in resumed.stdout
+    assert tf.train.latest_checkpoint(run / "checkpoints").endswith("ckpt-8")
+
+
+def test_a_checkpoint_is_chosen_by_its_step(two_checkpoints, tmp_path):
+    result = run_cli("-m", "keras_alexnet.export", f"--model_dir={two_checkpoints}", "--checkpoint=2",
+                     f"--export_dir={tmp_path}")
+    assert result.returncode == 0 and (tmp_path / "2").is_dir(), result.stderr[-2000:]
+    result = run_cli("-m", "keras_alexnet.evaluate", f"--model_dir={two_checkpoints}", "--checkpoint=3")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {two_checkpoints}/checkpoints has no checkpoint of step 3 (it has: 2, 4)")
