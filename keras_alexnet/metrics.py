@@ -62,11 +62,14 @@ def make_eval_step(strategy, model):
     return step
 
 
-def evaluate(step, dataset, progress=True, batches=None):
-    """The `errors` of a `make_eval_step` step over a finite (distributed) dataset."""
+def evaluate(step, dataset, progress=True, batches=None, after_batch=None):
+    """The `errors` of a `make_eval_step` step over a finite (distributed) dataset; `after_batch()` is
+    called after each batch (the trainer's check for SIGTERM)."""
     summed = tf.zeros([len(TOTALS)])
     bar = progress_bar(batches, "batch", verbose=progress)
     for images, labels in dataset:
         summed += step(images, labels)
         bar.add(1)
+        if after_batch:
+            after_batch()
     return errors(summed.numpy())

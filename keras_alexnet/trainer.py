@@ -170,6 +170,10 @@ class Trainer:
         path = self.manager.save(checkpoint_number=self.state["step"])
         logging.info("saved %s (%s)", path, reason)
 
+    def _if_preempted(self):
+        """After SIGTERM or Ctrl-C (to any worker), every worker saves at the same step and stops."""
+        self.preemption.save_checkpoint_if_preempted(checkpoint_number=self.step)
+
     def _stopped(self):
         """The PreemptionCheckpointHandler's exit, once every worker has saved at the same step."""
         if not self.chief:
@@ -210,7 +214,7 @@ class Trainer:
                 tf.summary.scalar("learning_rate", float(self.optimizer.learning_rate))
                 if speed:
                     tf.summary.scalar("images_per_second", speed)
-            self.preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+            self._if_preempted()
             if step % config.checkpoint_every == 0:
                 self.save("checkpoint_every")
         return summed
@@ -222,7 +226,8 @@ class Trainer:
         train_metrics = metrics.errors(summed)
         if not train_metrics["images"]:
             raise preprocess.DataError(f"no image of {config.dataset} could be read in epoch {epoch + 1}")
-        val_metrics = metrics.evaluate(self.eval_step, self.val_data, progress=False)
+        # SIGTERM during validation saves the epoch's training and stops; the resumed run validates it anew.
+        val_metrics = metrics.evaluate(self.eval_step, self.val_data, progress=False, after_batch=self._if_preempted)
         learning_rate = float(self.optimizer.learning_rate)  # The epoch's last step's, before the plateau rule.
         self.state["epoch"].assign_add(1)
         if update_learning_rate(self.state, self.base_lr, val_metrics["top1_error"], config):
@@ -232,6 +237,7 @@ class Trainer:
         self.state["stuck_epochs"].assign(self.state["stuck_epochs"] + 1 if stuck else 0)
         _write_epoch_summaries(self.writers, self.model, self.step, train_metrics, val_metrics, self.chief)
         self.save("epoch end")
+        self._if_preempted()  # Also in the last epoch: a preemption is never left for after the export.
         corrupt = self.steps_per_epoch * config.batch_size - train_metrics["images"]
         print(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.4f} top-1 err {train_metrics['top1_error']:.2%}"
               f" | val loss {val_metrics['loss']:.4f} top-1 err {val_metrics['top1_error']:.2%} "

@@ -114,3 +114,30 @@ def test_a_checkpoint_is_chosen_by_its_step(two_checkpoints, tmp_path):
     result = run_cli("-m", "keras_alexnet.evaluate", f"--model_dir={two_checkpoints}", "--checkpoint=3")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
         f"error: {two_checkpoints}/checkpoints has no checkpoint of step 3 (it has: 2, 4)")
+
+
+def test_sigterm_in_the_last_epochs_validation_saves_and_stops_at_once(tmp_path):
+    """Validation of 64 batches, interrupted: the run saves its step and exits 0 within seconds (it
+    finished the validation and the next epoch first, or never acted in the last epoch); the resumed
+    run validates that epoch anew, once."""
+    run = tmp_path / "run"
+    args = ["--steps_per_epoch=3", "--eval_steps=64", f"--model_dir={run}"]
+    process = subprocess.Popen([*TRAIN[:-3], "--epochs=1", "--steps_per_loop=1", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # The last loop's line: validation starts.
+        if "step 3/3" in line:
+            break
+    time.sleep(1.0)
+    signalled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    rest = process.stdout.read()
+    process.wait(timeout=120)
+    delay = time.perf_counter() - signalled
+    print(f"\nSIGTERM in validation: exited {delay:.1f} s after the signal")
+    assert process.returncode == 0 and "SIGTERM: stopped at step 3" in rest and "epoch 1:" not in rest, rest
+    assert delay < 20 and not (run / checkpoint.HISTORY).exists()
+    resumed = subprocess.run([*TRAIN[:-3], "--epochs=1", "--steps_per_loop=1", *args], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [epoch] = [json.loads(line) for line in (run / checkpoint.HISTORY).read_text().splitlines()]
+    assert (epoch["epoch"], epoch["step"], epoch["validation"]["images"]) == (1, 3, 64 * 8)
