@@ -13,10 +13,12 @@ change (epochs, learning rate, ...) are recorded in config.json with the step th
 labels.txt and stats.npz are written once, when the run is created.
 """
 import collections
+import contextlib
 import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 
 import tensorflow as tf
@@ -150,6 +152,28 @@ def restore_intact(directory, restore, step=None):
         raise ValueError(f"every checkpoint in {directory} is damaged: " + "; ".join(
             f"{os.path.basename(path)} ({why})" for path, why in damaged))
     raise FileNotFoundError(f"{os.path.dirname(directory.rstrip('/'))} has no checkpoint under {CHECKPOINTS}/")
+
+
+def remove_partial_saves(directory):
+    """Removes what a failed or killed save left in a checkpoint directory (TensorFlow's `ckpt-N_temp/`)."""
+    for name in tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []:
+        if name.rstrip("/").endswith("_temp"):
+            tf.io.gfile.rmtree(os.path.join(directory, name.rstrip("/")))
+
+
+@contextlib.contextmanager
+def space_for(directory, size):
+    """Around a save of `size` bytes into `directory`: a full disk is one line saying how much it needs,
+    and leaves no partial save behind."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        if "No space left on device" not in str(error):
+            raise
+        remove_partial_saves(directory)
+        free = shutil.disk_usage(directory).free if "://" not in directory else 0
+        raise OSError(f"no space left on device for a checkpoint in {directory}: it takes about {size / 2 ** 20:,.1f} "
+                      f"MB, {free / 2 ** 20:,.1f} MB are free; make room and run the same command to resume") from None
 
 
 def damage_report(damaged, used):

@@ -133,6 +133,10 @@ class Trainer:
         self.checkpoint_dir = os.path.join(config.model_dir, checkpoint.CHECKPOINTS)
         own_dir = self.checkpoint_dir if self.chief else os.path.join(
             config.model_dir, f".worker{self.strategy.cluster_resolver.task_id}")
+        if self.chief:
+            checkpoint.remove_partial_saves(self.checkpoint_dir)  # Of a save that failed or was killed.
+        self.checkpoint_bytes = sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size
+                                    for v in self.model.weights + self.optimizer.variables)
         if tf.train.get_checkpoint_state(self.checkpoint_dir):
             path, damaged = checkpoint.restore_intact(self.checkpoint_dir,
                                                       lambda path: checkpoint.restore_training(ckpt, path))
@@ -167,12 +171,14 @@ class Trainer:
         return int(self.state["epoch"].numpy())
 
     def save(self, reason):
-        path = self.manager.save(checkpoint_number=self.state["step"])
+        with checkpoint.space_for(self.manager.directory, self.checkpoint_bytes):
+            path = self.manager.save(checkpoint_number=self.state["step"])
         logging.info("saved %s (%s)", path, reason)
 
     def _if_preempted(self):
         """After SIGTERM or Ctrl-C (to any worker), every worker saves at the same step and stops."""
-        self.preemption.save_checkpoint_if_preempted(checkpoint_number=self.step)
+        with checkpoint.space_for(self.manager.directory, self.checkpoint_bytes):
+            self.preemption.save_checkpoint_if_preempted(checkpoint_number=self.step)
 
     def _stopped(self):
         """The PreemptionCheckpointHandler's exit, once every worker has saved at the same step."""

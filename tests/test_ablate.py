@@ -94,7 +94,9 @@ def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
         assert percent(top1) == pytest.approx(val["top1_error"], abs=5e-4)
         assert percent(top5) == pytest.approx(val["top5_error"], abs=5e-4)
         assert best == f"{top1} (1)"  # One epoch: the best is the last.
-        assert percent(gap) == pytest.approx(val["top1_error"] - run["train"]["top1_error"], abs=5e-4)
+        # The gap is in 16ths (16 training images): -6.25% is rounded to "-6.2%", 5e-4 off and for float32 a
+        # hair over: the cell is held to the rounding itself.
+        assert gap == f"{val['top1_error'] - run['train']['top1_error']:+.1%}"
         assert float(speed) == pytest.approx(run["images_per_second"], abs=0.05)
         if name == "one_tower":
             delta = val["top1_error"] - base

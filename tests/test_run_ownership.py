@@ -1,6 +1,7 @@
 """A run directory has one owner, and no tool writes into a run it did not make."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,3 +142,28 @@ def test_sigterm_in_the_last_epochs_validation_saves_and_stops_at_once(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     [epoch] = [json.loads(line) for line in (run / checkpoint.HISTORY).read_text().splitlines()]
     assert (epoch["epoch"], epoch["step"], epoch["validation"]["images"]) == (1, 3, 64 * 8)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MB tmpfs: room for a narrow run's files, not for its first checkpoint (1.7 MB of variables)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk):
+    run = small_disk / "run"
+    args = [*TRAIN[:-4], "--steps_per_epoch=4", "--checkpoint_every=2", "--epochs=1", "--eval_steps=1",
+            f"--model_dir={run}"]
+    for attempt in range(2):  # The second starts beside a partial save that a kill left.
+        result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.fullmatch(rf"error: no space left on device for a checkpoint in {run}/checkpoints: it takes about "
+                            r"1\.7 MB, 1\.\d MB are free; make room and run the same command to resume", errors[0])
+        assert os.listdir(run / "checkpoints") == []  # TensorFlow's ckpt-2_temp/ is gone.
+        (run / "checkpoints" / "ckpt-9_temp").mkdir()
