@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from keras_alexnet import preprocess, sources
 from keras_alexnet.files import atomic_write
+from keras_alexnet.progress import progress_bar
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
 from keras_alexnet.sources import has_readable_image, indexed_records, load_images
 
@@ -28,9 +29,15 @@ _caches = {}  # (records, cache) -> the cache's records; lives as long as the pr
 CACHE_RECORD = np.dtype([("image", np.uint8, (IMAGE_SIZE, IMAGE_SIZE, 3)), ("ok", np.bool_), ("label", np.int32)])
 
 
-def _loaded_source(source, cache):
+class FillInterrupted(Exception):
+    """`stop()` turned true while a cache was being filled (SIGTERM): the cache is not kept."""
+
+
+def fill_cache(source, cache, stop=None):
     """`source` with its images decoded once into the cache ("memory", or an .npy file path): a
-    random-access Source whose payloads are (image, ok) and whose `load` is the identity.
+    random-access Source whose payloads are (image, ok). Filled on the first call for a source (with a
+    progress bar; `stop()` is asked after every 64 images, FillInterrupted ends the fill), then kept for
+    the process, so that the pipelines' later calls find it.
 
     A file is filled under a temporary name and renamed once complete (files.atomic_write): a complete
     file is reused, a partial one left by a killed process is filled anew.
@@ -43,7 +50,7 @@ def _loaded_source(source, cache):
             raise DataError(f"--cache file {cache} holds {records.shape[0]} other records, not this split's "
                             f"{source.num_examples} images: remove it or name another file")
         if records is None:
-            records = _fill_cache(source, cache)
+            records = _fill_cache(source, cache, stop or (lambda: False))
 
         def lookup(indices):
             image, ok, label = tf.numpy_function(lambda i: tuple(records[i][name] for name in CACHE_RECORD.names),
@@ -55,13 +62,17 @@ def _loaded_source(source, cache):
     return _caches[key]
 
 
-def _fill_cache(source, cache):
+def _fill_cache(source, cache, stop):
     """One pass over the split, in order, into a structured array (in memory or a memory-mapped .npy)."""
     loaded = load_images(indexed_records(source), source.load).batch(64).prefetch(2)
 
     def fill(records):
+        bar = progress_bar(source.num_examples, "image")
         for index, image, ok, label in loaded.as_numpy_iterator():
+            if stop():
+                raise FillInterrupted(f"stopped filling the {cache} cache after {index[0]} images")
             records[index] = list(zip(image, ok, label))
+            bar.add(len(index))
         return records
 
     if cache == "memory":
@@ -73,9 +84,9 @@ def _fill_cache(source, cache):
 
 def _records(source, cache=None):
     """(the source, records of (index, payload, label) in order, loaded): with `cache`, the payloads are
-    (image, ok), decoded once (`_loaded_source`)."""
+    (image, ok), decoded once (`fill_cache`)."""
     if cache:
-        source = _loaded_source(source, cache)
+        source = fill_cache(source, cache)
     return source, indexed_records(source), bool(cache)
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -83,14 +84,14 @@ class Trainer:
         self.preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
             getattr(strategy, "cluster_resolver", None), self.manager,
             termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._stopped))
+        self._watch_for_sigterm()
         if changes:  # After the handler, which restores the latest checkpoint once more.
             self._apply(changes)
         self.train_loop = make_train_loop(make_train_step(strategy, self.model, self.optimizer, config),
                                           self.state["step"])
         self.eval_step = metrics.make_eval_step(strategy, self.model)
-        if config.cache:  # Said before the validation pipeline fills its cache, below.
-            print(f"first, {self.train_source.num_examples} training and {self.val_source.num_examples} "
-                  f"validation images are decoded into the {config.cache} cache", flush=True)
+        if config.cache:
+            self._fill_caches()
         self.val_data = strategy.distribute_datasets_from_function(
             lambda ctx: data.eval_pipeline(self.val_source, config.batch_size, self.stats, input_context=ctx,
                                            steps=config.eval_steps, cache=config.cache))
@@ -174,6 +175,32 @@ class Trainer:
         with checkpoint.space_for(self.manager.directory, self.checkpoint_bytes):
             path = self.manager.save(checkpoint_number=self.state["step"])
         logging.info("saved %s (%s)", path, reason)
+
+    def _watch_for_sigterm(self):
+        """Notes SIGTERM (and Ctrl-C) for work outside the loops, then hands it to TensorFlow's handler."""
+        self.signalled, handler = threading.Event(), signal.getsignal(signal.SIGTERM)
+
+        def note(signum, frame):
+            self.signalled.set()
+            if callable(handler):
+                handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, note)
+
+    def _fill_caches(self):
+        """Decodes the splits into --cache before the first epoch; SIGTERM stops it within 64 images (the
+        checkpoint is the one restored: nothing was trained since), and the run exits 0."""
+        config = self.config
+        splits = [self.train_source] + [self.val_source] * (config.cache == "memory")  # Validation: memory only.
+        print(f"first, {sum(s.num_examples for s in splits)} images are decoded into the {config.cache} cache",
+              flush=True)
+        try:
+            for source in splits:
+                data.fill_cache(source, config.cache, stop=self.signalled.is_set)
+        except data.FillInterrupted as interrupted:
+            print(f"SIGTERM: {interrupted}; the last checkpoint is kept. Run the same command to resume.",
+                  flush=True)
+            sys.exit(0)
 
     def _if_preempted(self):
         """After SIGTERM or Ctrl-C (to any worker), every worker saves at the same step and stops."""

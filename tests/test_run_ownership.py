@@ -167,3 +167,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk):
                             r"1\.7 MB, 1\.\d MB are free; make room and run the same command to resume", errors[0])
         assert os.listdir(run / "checkpoints") == []  # TensorFlow's ckpt-2_temp/ is gone.
         (run / "checkpoints" / "ckpt-9_temp").mkdir()
+
+
+def test_sigterm_while_the_cache_fills_stops_within_seconds(tmp_path):
+    """The fill of 2,560 images takes a minute; SIGTERM ends it within 64 images, exit 0, and leaves
+    no partial cache file."""
+    cache = tmp_path / "images.npy"
+    process = subprocess.Popen([*TRAIN, f"--model_dir={tmp_path / 'run'}", f"--cache={cache}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 180
+    while not (tmp_path / ".images.npy.tmp").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    signalled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    out = process.communicate(timeout=120)[0]
+    delay = time.perf_counter() - signalled
+    print(f"\nSIGTERM in the cache fill: exited {delay:.1f} s after the signal")
+    assert process.returncode == 0 and "SIGTERM: stopped filling the" in out, out[-2000:]
+    assert delay < 20 and not cache.exists() and not (tmp_path / ".images.npy.tmp").exists()
