@@ -211,7 +211,14 @@ def read_run_files(model_dir):
     for name in (CONFIG, LABELS):
         if not tf.io.gfile.exists(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir} is not a training run: it has no {name}")
-    with tf.io.gfile.GFile(os.path.join(model_dir, CONFIG)) as f:
-        config = json.load(f)
+    path = os.path.join(model_dir, CONFIG)
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is damaged: line {error.lineno}, column {error.colno}: {error.msg} "
+                             "(it holds the run's settings as JSON)") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path} is damaged: expected a JSON object with the run's settings and its \"model\"")
     return RunFiles(config, read_labels(os.path.join(model_dir, LABELS)),
                     os.path.join(model_dir, STATS))

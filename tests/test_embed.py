@@ -268,7 +268,7 @@ def test_nearest_is_exact_euclidean():
 
 
 def test_filters_grid_puts_tower_b_below(tmp_path):
-    model = build_model()
+    model = build_alexnet(10, seed=0, init="glorot")  # The paper's 48 kernels a tower: 3 rows of 16.
     rng = np.random.default_rng(0)
     grey = np.repeat(rng.normal(size=(11, 11, 1, 48)), 3, axis=2)  # Colour-agnostic: R = G = B.
     red = np.zeros((11, 11, 3, 48))

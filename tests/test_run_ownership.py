@@ -186,3 +186,19 @@ def test_sigterm_while_the_cache_fills_stops_within_seconds(tmp_path):
     print(f"\nSIGTERM in the cache fill: exited {delay:.1f} s after the signal")
     assert process.returncode == 0 and "SIGTERM: stopped filling the" in out, out[-2000:]
     assert delay < 20 and not cache.exists() and not (tmp_path / ".images.npy.tmp").exists()
+
+
+def test_a_damaged_config_json_names_itself(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    damaged = (run / checkpoint.CONFIG).read_text().replace('"batch_size": 8,', '"batch_size": 8,,')
+    (run / checkpoint.CONFIG).write_text(damaged)
+    with pytest.raises(json.JSONDecodeError) as error:  # Where Python's json parser stops.
+        json.loads(damaged)
+    where = f"line {error.value.lineno}, column {error.value.colno}: {error.value.msg}"
+    for program in ("evaluate", "export", "train"):
+        result = run_cli("-m", f"keras_alexnet.{program}", f"--model_dir={run}", f"--export_dir={tmp_path / 'x'}"
+                         if program == "export" else "--dataset=synthetic")
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+            f"error: {run}/config.json is damaged: {where} (it holds"), \
+            (program, result.stderr[-1500:])
