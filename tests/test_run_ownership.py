@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import tensorflow as tf
 
 from conftest import run_cli
@@ -202,3 +203,38 @@ def test_a_damaged_config_json_names_itself(two_checkpoints, tmp_path):
         assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
             f"error: {run}/config.json is damaged: {where} (it holds"), \
             (program, result.stderr[-1500:])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--model_dir=", "--model_dir must not be empty: name the run's directory"),
+    ("--weight_decay=nan", "--weight_decay must be a finite number, got nan"),
+    ("--learning_rate=inf", "--learning_rate must be a finite number, got inf"),
+    ("--momentum=-0.5", "--momentum must be in [0, 1), got -0.5"),
+    ("--width=0", "--width must be positive, got 0.0"),
+])
+def test_flags_no_run_can_use_are_refused_before_anything_is_written(tmp_path, flag, message):
+    result = subprocess.run([*TRAIN, f"--model_dir={tmp_path / 'run'}", flag], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {message}", result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_saved_model_with_our_signature_names_but_other_outputs_is_named(tmp_path):
+    """Another model's SavedModel under our signature names: one line, not KeyError: 'probabilities'."""
+    module = tf.Module()
+    module.predict_images = tf.function(lambda image_bytes: {"logits": tf.zeros([tf.size(image_bytes), 3])},
+                                        input_signature=[tf.TensorSpec([None], tf.string)])
+    module.features = tf.function(lambda images: {"pool5": tf.zeros([tf.shape(images)[0], 9])},
+                                  input_signature=[tf.TensorSpec([None, 227, 227, 3], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "foreign"), signatures={
+        "predict_images": module.predict_images, "features": module.features})
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "a.png")
+    for program, args, output, signature in [
+            ("predict", [str(tmp_path / "images")], "probabilities", "predict_images"),
+            ("embed", [f"--images={tmp_path / 'images'}", f"--logdir={tmp_path / 'emb'}"], "fc7", "features")]:
+        result = run_cli("-m", f"keras_alexnet.{program}", f"--saved_model={tmp_path / 'foreign'}", *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: {tmp_path / 'foreign'} has no output {output!r} in signature {signature!r} (it has: "
+            f"{'logits' if output == 'probabilities' else 'pool5'}): not a keras_alexnet export")
