@@ -81,10 +81,10 @@ def test_a_tfds_dataset_in_array_record_files_has_random_access(tmp_path):
     """Prepared with file_format="array_record" (tfds build --file_format=array_record), a TFDS split
     is read by index (tfds's data source): its epochs are permutations of the same images as the
     tfrecord files hold, in their order."""
-    from test_data import AlexnetTestImages  # noqa: F401 (registers the builder)
     import tensorflow_datasets as tfds
+    from test_data import AlexnetTestImages  # Defining it registers the builder.
     for file_format in ("tfrecord", "array_record"):
-        tfds.builder("alexnet_test_images", data_dir=str(tmp_path / file_format),
+        tfds.builder(AlexnetTestImages.name, data_dir=str(tmp_path / file_format),
                      file_format=file_format).download_and_prepare()
     tfrecord, array_record = (sources.load_source("alexnet_test_images", "train", data_dir=str(tmp_path / f))
                               for f in ("tfrecord", "array_record"))
