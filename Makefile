@@ -18,7 +18,7 @@ $(STAMP): setup.py
 train: install
 	$(PY) -m keras_alexnet.train --preset=demo
 
-# Passed tests' directories are removed at the end (a session writes ~18 GB of checkpoints to /tmp).
+# Passed tests' directories are removed at the end (a session writes about 1.5 GB to /tmp).
 test: install
 	$(PY) -m pytest -q tests -o tmp_path_retention_policy=failed
 

@@ -39,7 +39,7 @@ class RunLock:
         self.fd = None
         if "://" in model_dir:
             return
-        os.makedirs(model_dir, exist_ok=True)
+        tf.io.gfile.makedirs(model_dir)  # Its error names a file where a folder belongs.
         fd = os.open(os.path.join(model_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,7 +17,13 @@ def atomic_write(path):
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     _remove(temporary)  # Left by a killed writer.
     try:
-        yield temporary
+        try:
+            yield temporary
+        except (OSError, tf.errors.OpError) as error:  # "Permission denied: .../.x.tmp" names the file meant.
+            text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+            if temporary not in text:
+                raise
+            raise OSError(text.replace(temporary, path)) from None
         if tf.io.gfile.isdir(temporary):
             replace_dir(temporary, path)
         else:

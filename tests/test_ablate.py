@@ -70,6 +70,7 @@ def percent(cell):
     return float(re.match(r"[+-]?[\d.]+", cell).group()) / 100
 
 
+@pytest.mark.slow
 def test_tiny_ablation_writes_its_table_and_curves(tmp_path):
     markdown = ablate.run_ablation(BASE, ["baseline", "one_tower"], str(tmp_path))  # Each in a child process.
     assert (tmp_path / "ablation.md").read_text() == markdown

@@ -14,6 +14,7 @@ from keras_alexnet import checkpoint, convert, preprocess, weights
 from keras_alexnet.model import build_alexnet, feature_model
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+pytestmark = pytest.mark.slow  # bvlc_alexnet is the paper's net: every conversion and comparison is of 61M parameters.
 
 
 def max_relative(actual, expected):

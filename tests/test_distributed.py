@@ -91,12 +91,14 @@ def test_plan_a_trains_exact_epochs_and_writes_them(plan_a):
     assert len(weights) == 61  # 30 weights, their 30 momentum slots, the iteration count.
 
 
+@pytest.mark.slow
 def test_one_step_a_loop_is_bit_identical_to_four(plan_a, tmp_path, logical_cpus):
     weights = run_in_process(tmp_path, logical_cpus[:2], 2, steps_per_loop=1)
     for key in plan_a[0]:
         np.testing.assert_array_equal(weights[key], plan_a[0][key], err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("towers", [2, 1], ids=["b_2_replicas_x_2_towers", "c_2_replicas_x_1_tower"])
 def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towers):
     devices = logical_cpus if towers == 2 else logical_cpus[:2]

@@ -336,6 +336,7 @@ def get(url):
         return response.read()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TENSORBOARD.exists(), reason="no tensorboard executable beside python")
 def test_tensorboard_serves_the_projector(embedded, free_port):
     logdir, _, _ = embedded

@@ -63,6 +63,7 @@ def assert_report(report, stdout, model, val_folder, images):
     return top5_errors
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reports_the_errors_numpy_computes(run_dir):
     root, model = run_dir
     result = run_evaluate(f"--model_dir={root / 'run'}")
@@ -86,6 +87,7 @@ def copy_classes(root, name, classes):
     return root / name
 
 
+@pytest.mark.slow
 def test_evaluate_a_dataset_of_fewer_classes_labels_them_by_name(run_dir):
     root, model = run_dir
     dataset = copy_classes(root, "two colours", ["blue", "red"])

@@ -21,7 +21,8 @@ from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
 SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
 CLASSES = [f"class {i}" for i in range(10)]
 MODEL = {"num_classes": 10, "seed": 3, "init": "glorot"}  # Glorot: distinct outputs per image. The paper's net:
-# its size (stored once), fc7's 4096 in the signatures; the tests of behaviour alone build a narrow one.
+# its size (stored once), fc7's 4096 in the signatures; the tests of behaviour alone build a narrow one. The
+# tests of the paper's net's export (exported, loaded, keras_model) are in the slow tier.
 STEP = 7
 
 
@@ -95,18 +96,21 @@ def keras_outputs(model, stats, files):
     return model(inputs, training=False).numpy(), feature_model(model)(inputs, training=False).numpy()
 
 
+@pytest.mark.slow
 def test_export_has_tf_serving_layout_with_labels_asset(exported):
     assert sorted(os.listdir(exported.parent)) == [str(STEP)]  # No staging directory left behind.
     assert {"saved_model.pb", "variables", "assets", "assets.extra"} <= set(os.listdir(exported))
     assert checkpoint.read_labels(str(exported / "assets" / checkpoint.LABELS)) == CLASSES
 
 
+@pytest.mark.slow
 def test_weights_are_stored_once(exported, keras_model):
     stored = sum(f.stat().st_size for f in (exported / "variables").iterdir())
     mean_image = 256 * 256 * 3 * 4
     assert 4 * keras_model.count_params() < stored <= 1.02 * 4 * keras_model.count_params() + mean_image + 2**16
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show_lists_every_signature(exported):
     result = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", str(exported), "--all"],
                             capture_output=True, text=True, timeout=120)
@@ -125,6 +129,7 @@ def test_saved_model_cli_show_lists_every_signature(exported):
         assert outputs == expected, (name, blocks[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signature", ["serving_default", "features", "predict_images"])
 def test_saved_model_cli_run_matches_keras(signature, exported, keras_model, stats, image_files, tmp_path):
     x = tmp_path / "x.npy"
@@ -160,6 +165,7 @@ np.savez(sys.argv[4], **outputs)
 """
 
 
+@pytest.mark.slow
 def test_loads_and_matches_keras_without_keras_alexnet(exported, keras_model, stats, image_files, photos, tmp_path):
     files = image_files + photos
     make_npy.make_npy(files, str(tmp_path / "pixels.npy"))
@@ -186,6 +192,7 @@ def loaded(exported):
     return tf.saved_model.load(str(exported)).signatures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, expected", [
     ((227, 227, 3), r"images must be float32 \[N, 227, 227, 3\].*\[227 227 3\]"),
     ((1, 224, 224, 3), r"images must be float32 \[N, 227, 227, 3\].*\[1 224 224 3\]"),
@@ -197,6 +204,7 @@ def test_bad_images_say_what_is_expected(loaded, shape, expected):
             loaded[name](images=tf.zeros(shape))
 
 
+@pytest.mark.slow
 def test_bad_image_bytes_say_what_is_expected(loaded, image_files):
     encoded = Path(image_files[0]).read_bytes()
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes must be a string vector \[N\]"):
@@ -205,6 +213,7 @@ def test_bad_image_bytes_say_what_is_expected(loaded, image_files):
         loaded["features_images"](image_bytes=tf.constant([encoded, b"not an image"]))
 
 
+@pytest.mark.slow
 def test_empty_batch_gives_empty_outputs(loaded):
     shapes = {"probabilities": (0, 10), "top5_classes": (0, 5), "top5_labels": (0, 5), "fc7": (0, 4096)}
     for name in export.SIGNATURES:
@@ -214,6 +223,7 @@ def test_empty_batch_gives_empty_outputs(loaded):
         assert {k: tuple(v.shape) for k, v in outputs.items()} == {k: shapes[k] for k in outputs}
 
 
+@pytest.mark.slow
 def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_files):
     """Each view loses its own (mirrored) patch of the mean image, as in evaluate's 10-crop test."""
     module = export.serving_module(keras_model, CLASSES, stats, ten_crop=True)
@@ -237,6 +247,7 @@ def test_ten_crop_export_matches_evaluates_ten_crop(keras_model, stats, image_fi
     assert relative_difference(averaged(keras_model, views_of_pixels - mean_crop(stats)), expected) > 1e-3
 
 
+@pytest.mark.slow
 def test_warmup_requests_parse_as_tf_serving_prediction_logs(exported, loaded):
     apis = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2",
                                reason="tensorflow-serving-api is not installed (the dev extra)")
@@ -302,6 +313,7 @@ def test_bad_command_line_input_fails_in_one_line(case, tmp_path, stats):
             "missing image": "no such image", "not an image": "notes.jpg: not a JPEG, PNG"}[case] in lines[0]
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run_rejects_a_wrong_size(exported, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 224, 224, 3), np.float32))
     result = subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(exported), "--tag_set", "serve",
@@ -340,6 +352,7 @@ print("peak", (kilobytes("VmHWM:") - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_a_huge_png_is_refused_before_decoding(exported, image_files, tmp_path):
     huge = zeros_png(20000, 20000)
     assert len(huge) < 100_000
@@ -363,6 +376,7 @@ def encoded_png(side):
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", [1, 7, 8])
 def test_tiny_images_are_refused_alike_in_serving_and_training(side, loaded, tmp_path):
     (tmp_path / "train" / "tiny").mkdir(parents=True)

@@ -91,6 +91,7 @@ print(json.dumps({"growth_mb": (after - before) / 1024}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="measures peak RSS and address space as Linux reports them")
 @pytest.mark.parametrize("path", ["decode_and_resize", "training_folder", "predict_images"])
 def test_a_long_thin_image_costs_memory_of_the_output_only(path, files, long_image, serving, tmp_path):

@@ -52,6 +52,7 @@ def folder(photos, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_files_and_folders_print_top_k_and_write_json_lines(saved_model, photos, tmp_path):
     output = tmp_path / "predictions.jsonl"
     result = run_predict(f"--saved_model={saved_model}", str(Path(photos[0]).parent), "--top_k", "3",
@@ -68,6 +69,7 @@ def test_files_and_folders_print_top_k_and_write_json_lines(saved_model, photos,
         assert line == f"{row['file']}: " + " | ".join(f"{p:.2%} {label}" for label, _, p in top)
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_skipped_counted_and_named(saved_model, folder, tmp_path):
     output = tmp_path / "predictions.csv"
     result = run_predict(f"--saved_model={saved_model}", str(folder), f"--output={output}", "--batch_size=2")

@@ -20,6 +20,7 @@ TRAIN = [sys.executable, "-m", "keras_alexnet.train", "--dataset=synthetic", "--
          "--steps_per_epoch=300", "--epochs=1", "--eval_steps=1", "--steps_per_loop=1"]
 
 
+@pytest.mark.slow
 def test_a_second_train_on_one_run_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([*TRAIN, f"--model_dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -41,6 +42,7 @@ def test_a_second_train_on_one_run_is_refused_and_a_killed_ones_lock_is_taken_ov
     assert "final weights digest" in again.stdout
 
 
+@pytest.mark.slow
 def test_convert_refuses_a_training_run_and_replaces_its_own_whole(tmp_path, bvlc_onnx):
     onnx = bvlc_onnx
     run = tmp_path / "run"
@@ -89,6 +91,7 @@ def two_checkpoints(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "index", "bytes"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, tmp_path, how):
     run = tmp_path / "run"
@@ -109,6 +112,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoint
     assert tf.train.latest_checkpoint(run / "checkpoints").endswith("ckpt-8")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_chosen_by_its_step(two_checkpoints, tmp_path):
     result = run_cli("-m", "keras_alexnet.export", f"--model_dir={two_checkpoints}", "--checkpoint=2",
                      f"--export_dir={tmp_path}")
@@ -118,6 +122,7 @@ def test_a_checkpoint_is_chosen_by_its_step(two_checkpoints, tmp_path):
         f"error: {two_checkpoints}/checkpoints has no checkpoint of step 3 (it has: 2, 4)")
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_last_epochs_validation_saves_and_stops_at_once(tmp_path):
     """Validation of 64 batches, interrupted: the run saves its step and exits 0 within seconds (it
     finished the validation and the next epoch first, or never acted in the last epoch); the resumed
@@ -156,6 +161,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk):
     run = small_disk / "run"
     args = [*TRAIN[:-4], "--steps_per_epoch=4", "--checkpoint_every=2", "--epochs=1", "--eval_steps=1",
@@ -189,6 +195,7 @@ def test_sigterm_while_the_cache_fills_stops_within_seconds(tmp_path):
     assert delay < 20 and not cache.exists() and not (tmp_path / ".images.npy.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_config_json_names_itself(two_checkpoints, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
