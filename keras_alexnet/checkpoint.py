@@ -14,6 +14,7 @@ labels.txt and stats.npz are written once, when the run is created.
 """
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -43,7 +44,10 @@ class RunLock:
         fd = os.open(os.path.join(model_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):  # No POSIX locks there (some NFS, FUSE).
+                os.close(fd)
+                raise OSError(f"cannot lock {model_dir}/{LOCK}: {error.strerror}") from None
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise ValueError(f"{model_dir} is in use by {holder}: one process at a time writes a run "
@@ -56,6 +60,7 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # Closing drops the lock.
             self.fd = None
+
 
 RunFiles = collections.namedtuple("RunFiles", ["config", "class_names", "stats_path"])
 
@@ -171,9 +176,12 @@ def space_for(directory, size):
         if "No space left on device" not in str(error):
             raise
         remove_partial_saves(directory)
-        free = shutil.disk_usage(directory).free if "://" not in directory else 0
+        existing = directory
+        while "://" not in existing and not os.path.isdir(existing):  # The disk may fill before it exists.
+            existing = os.path.dirname(existing) or "."
+        free = "" if "://" in directory else f", {shutil.disk_usage(existing).free / 2 ** 20:,.1f} MB are free"
         raise OSError(f"no space left on device for a checkpoint in {directory}: it takes about {size / 2 ** 20:,.1f} "
-                      f"MB, {free / 2 ** 20:,.1f} MB are free; make room and run the same command to resume") from None
+                      f"MB{free}; make room and run the same command to resume") from None
 
 
 def damage_report(damaged, used):

@@ -24,7 +24,7 @@ class Config:
     """Everything a run depends on: one flag per field, written to config.json beside the checkpoints.
 
     Section 5's recipe is the default, except `init`: the paper's biases of 1 leave small datasets at
-    chance (README, "Training on your own images"), so Caffe's fillers are; --init=paper restores it.
+    chance (docs/training.md, "Defaults that learn"), so Caffe's fillers are; --init=paper restores it.
     """
     dataset: str = option("synthetic", "'synthetic' (built-in, offline), a folder of class folders, "
                           "or a TFDS name such as imagenet2012 or imagenette/320px-v2.")

@@ -183,12 +183,19 @@ def convert(onnx_path, model_dir, labels=None, mean_bgr=CAFFE_MEAN_BGR):
     """
     if not os.path.isfile(onnx_path):
         raise ConversionError(f"no such ONNX file: {onnx_path}")
-    if os.path.isdir(model_dir) and set(os.listdir(model_dir)) - {checkpoint.LOCK}:
+    lock = checkpoint.RunLock(model_dir)
+    try:
+        return _convert(onnx_path, model_dir, labels, mean_bgr)
+    finally:
+        lock.release()
+
+
+def _convert(onnx_path, model_dir, labels, mean_bgr):
+    if set(os.listdir(model_dir)) - {checkpoint.LOCK}:
         config = os.path.join(model_dir, checkpoint.CONFIG)
         if not os.path.isfile(config) or "converted_from" not in checkpoint.read_run_files(model_dir).config:
             raise ConversionError(f"{model_dir} holds files but no converted run (a training run?): convert into a "
                                   "new or empty --model_dir")
-    lock = checkpoint.RunLock(model_dir)
     caffe = read_onnx(onnx_path)
     kwargs = model_kwargs(caffe)
     if labels:
@@ -203,13 +210,10 @@ def convert(onnx_path, model_dir, labels=None, mean_bgr=CAFFE_MEAN_BGR):
         model.get_layer(name).set_weights(weights)
     config = {"model": kwargs, "dataset": None, "converted_from": os.path.abspath(onnx_path),
               "mean_bgr": list(mean_bgr)}
-    try:
-        with atomic_write(model_dir) as staging:
-            checkpoint.write_run_files(staging, config, class_names, mean_stats(mean_bgr))
-            ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(0, dtype=tf.int64))
-            tf.train.CheckpointManager(ckpt, os.path.join(staging, checkpoint.CHECKPOINTS), max_to_keep=1).save()
-    finally:
-        lock.release()
+    with atomic_write(model_dir) as staging:
+        checkpoint.write_run_files(staging, config, class_names, mean_stats(mean_bgr))
+        ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(0, dtype=tf.int64))
+        tf.train.CheckpointManager(ckpt, os.path.join(staging, checkpoint.CHECKPOINTS), max_to_keep=1).save()
     return model
 
 

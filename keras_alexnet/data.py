@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from keras_alexnet import preprocess, sources
 from keras_alexnet.files import atomic_write
-from keras_alexnet.progress import progress_bar
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
+from keras_alexnet.progress import progress_bar
 from keras_alexnet.sources import has_readable_image, indexed_records, load_images
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -45,9 +45,11 @@ def fill_cache(source, cache, stop=None):
     key = (source.records, cache)
     if key not in _caches:
         records = np.lib.format.open_memmap(cache, "r") if cache != "memory" and tf.io.gfile.exists(cache) else None
-        if records is not None and records.shape != (source.num_examples,) or records is not None and \
-                records.dtype != CACHE_RECORD:
-            raise DataError(f"--cache file {cache} holds {records.shape[0]} other records, not this split's "
+        if records is not None and records.dtype != CACHE_RECORD:
+            raise DataError(f"--cache file {cache} is no keras_alexnet image cache (its records are {records.dtype}): "
+                            "remove it or name another file")
+        if records is not None and records.shape != (source.num_examples,):
+            raise DataError(f"--cache file {cache} holds {records.shape[0]} records, not this split's "
                             f"{source.num_examples} images: remove it or name another file")
         if records is None:
             records = _fill_cache(source, cache, stop or (lambda: False))
@@ -95,16 +97,19 @@ def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_
     `epoch`.
 
     The split is read in passes, each a fresh permutation seeded by (seed, pass), and every epoch
-    of `steps` batches takes the next slice of one: a full epoch is a pass (the images that do not
-    fill a last batch change from pass to pass); short epochs (--steps_per_epoch) cover a pass
-    together before the next pass begins, and no epoch holds an image twice. A source with random
+    of `steps` batches takes the next slice of one: a full epoch is a pass; short epochs
+    (--steps_per_epoch) cover a pass together before the next pass begins. No epoch holds an image
+    twice; the N mod (steps x batch) images a pass leaves out change from pass to pass. A source with random
     access (`lookup`) computes each position's record (tf.random.experimental.index_shuffle), so a
     resumed epoch reads nothing before `first_step`; one read in order only (TFDS) reads its files
     shuffled and interleaved by the pass's seed, through a `shuffle_buffer`, and skips what it had
     read.
     """
     per_epoch = steps * batch_size
-    epochs_per_pass = max(1, source.num_examples // per_epoch)
+    if per_epoch > source.num_examples:
+        raise ValueError(f"an epoch of {steps} steps of {batch_size} takes {per_epoch} images; the split has "
+                         f"{source.num_examples}")
+    epochs_per_pass = source.num_examples // per_epoch
     pass_number, part = divmod(epoch, epochs_per_pass)
     start, stop = part * per_epoch + first_step * batch_size, (part + 1) * per_epoch
     if source.lookup is None:

@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("model_dir", None, "Training run to evaluate (its latest checkpoint).")
+    flags.DEFINE_string("model_dir", None, "Training run to evaluate (its newest intact checkpoint, or --checkpoint).")
     flags.DEFINE_integer("checkpoint", None, "The step of the checkpoint to read; default: the newest intact one.")
     flags.DEFINE_string("dataset", None, "Dataset to evaluate on; default: the run's own.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory; default: the run's own.")

@@ -165,7 +165,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():  # Not at import: train.py imports this module and has flags of the same names.
-    flags.DEFINE_string("model_dir", None, "Training run to export (its latest checkpoint).")
+    flags.DEFINE_string("model_dir", None, "Training run to export (its newest intact checkpoint, or --checkpoint).")
     flags.DEFINE_integer("checkpoint", None, "The step of the checkpoint to read; default: the newest intact one.")
     flags.DEFINE_string("export_dir", None, "Write the SavedModel to EXPORT_DIR/VERSION/.")
     flags.DEFINE_integer("version", None, "Version directory; default: the checkpoint's training step.")

@@ -1,7 +1,7 @@
 """Writing files so that a crash, a kill or a full disk leaves the old file or the new one, never half.
 
-Every writer of the package goes through `atomic_write` (a file) or `replace_dir` (a directory). It
-imports nothing of the package: every stage may use it.
+The package's run files, checkpoints' companions, caches, exports and reports are written through
+`atomic_write` (a file or a directory). It imports nothing of the package: every stage may use it.
 """
 import contextlib
 import os
@@ -13,14 +13,14 @@ import tensorflow as tf
 def atomic_write(path):
     """Yields a temporary path beside `path` (".NAME.tmp") to write; renamed to `path` when the block
     ends, removed when it raises. Works for files and directories, local or on GCS (tf.io.gfile)."""
-    path = str(path)
+    path = str(path) if "://" in str(path) else os.path.normpath(path)  # "runs/a/" names runs/a too.
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     _remove(temporary)  # Left by a killed writer.
     try:
         try:
             yield temporary
         except (OSError, tf.errors.OpError) as error:  # "Permission denied: .../.x.tmp" names the file meant.
-            text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+            text = error.message if isinstance(error, tf.errors.OpError) else str(error)  # (cli is downstream.)
             if temporary not in text:
                 raise
             raise OSError(text.replace(temporary, path)) from None

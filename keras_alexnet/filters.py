@@ -56,7 +56,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("model_dir", None, "Training run whose latest checkpoint to read.")
+    flags.DEFINE_string("model_dir", None, "Training run whose newest intact checkpoint (or --checkpoint) to read.")
     flags.DEFINE_integer("checkpoint", None, "The step of the checkpoint to read; default: the newest intact one.")
     flags.DEFINE_string("saved_model", None, "Instead of --model_dir: a SavedModel from keras_alexnet.export.")
     flags.DEFINE_string("output", "filters.png", "PNG to write.")

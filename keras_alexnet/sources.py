@@ -243,7 +243,8 @@ def _tfds_source(name, split, data_dir, val_fraction):
 
         def read_examples(indices):
             chosen = examples.__getitems__(indices.tolist())
-            return (np.array([e[image_key] for e in chosen], object), np.array([e[label_key] for e in chosen], np.int32))
+            return (np.array([e[image_key] for e in chosen], object),
+                    np.array([e[label_key] for e in chosen], np.int32))
 
         def lookup(indices):
             payloads, labels = tf.numpy_function(read_examples, [indices], (tf.string, tf.int32), stateful=False)

@@ -22,9 +22,9 @@ from absl import logging
 
 from keras_alexnet import checkpoint, data, figures, metrics, preprocess, progress, sources, summaries, weights
 from keras_alexnet.distribute import is_chief
+from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, conv1_kernels
 from keras_alexnet.optimizer import LossScaleOptimizer
-from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
 from keras_alexnet.step import WarmupThenPlateau, make_train_loop, make_train_step
 
 
@@ -36,7 +36,14 @@ def set_up_process(config):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_dtype_policy(_policy(config))
-    signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+    signal.signal(signal.SIGINT, _interrupt)
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C: as SIGTERM while a run's handler is there (a checkpoint, exit 0), else KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGTERM)
 
 
 def _policy(config):
@@ -108,9 +115,12 @@ class Trainer:
         return val_metrics
 
     def close(self):
-        """Lets another process write the run directory."""
+        """Lets another process write the run directory; SIGTERM and Ctrl-C act as before the run."""
         if self.lock:
             self.lock.release()
+        if getattr(self, "_sigterm_before", None) is not None:
+            signal.signal(signal.SIGTERM, self._sigterm_before)
+            self._sigterm_before = None
 
     def _build(self, model_kwargs, plan):
         config = self.config
@@ -152,6 +162,8 @@ class Trainer:
                   f"{', '.join(skipped) or 'none'}", flush=True)
         if self.chief and not tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.CONFIG)):
             checkpoint.write_run_files(config.model_dir, run_config, self.train_source.class_names, self.stats)
+        if not self.chief and tf.io.gfile.exists(own_dir):  # A killed run's scratch: the chief's checkpoint rules.
+            tf.io.gfile.rmtree(own_dir)
         self.manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=3)
 
     def _apply(self, changes):
@@ -177,13 +189,18 @@ class Trainer:
         logging.info("saved %s (%s)", path, reason)
 
     def _watch_for_sigterm(self):
-        """Notes SIGTERM (and Ctrl-C) for work outside the loops, then hands it to TensorFlow's handler."""
+        """Notes SIGTERM (and Ctrl-C) for work outside the loops, then hands it to TensorFlow's handler
+        (none is installed on some platforms: then SIGTERM ends the process as usual); `close` undoes it."""
         self.signalled, handler = threading.Event(), signal.getsignal(signal.SIGTERM)
+        self._sigterm_before = handler
 
         def note(signum, frame):
             self.signalled.set()
             if callable(handler):
                 handler(signum, frame)
+            else:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, note)
 
@@ -192,14 +209,16 @@ class Trainer:
         checkpoint is the one restored: nothing was trained since), and the run exits 0."""
         config = self.config
         splits = [self.train_source] + [self.val_source] * (config.cache == "memory")  # Validation: memory only.
-        print(f"first, {sum(s.num_examples for s in splits)} images are decoded into the {config.cache} cache",
+        reused = config.cache != "memory" and tf.io.gfile.exists(config.cache)
+        print(f"reading the images from the {config.cache} cache" if reused else
+              f"first, {sum(s.num_examples for s in splits)} images are decoded into the {config.cache} cache",
               flush=True)
         try:
             for source in splits:
                 data.fill_cache(source, config.cache, stop=self.signalled.is_set)
         except data.FillInterrupted as interrupted:
-            print(f"SIGTERM: {interrupted}; the last checkpoint is kept. Run the same command to resume.",
-                  flush=True)
+            kept = f"the checkpoint of step {self.step} is kept" if self.step else "no step was trained yet"
+            print(f"SIGTERM: {interrupted}; {kept}. Run the same command to resume.", flush=True)
             sys.exit(0)
 
     def _if_preempted(self):
@@ -270,7 +289,6 @@ class Trainer:
         self.state["stuck_epochs"].assign(self.state["stuck_epochs"] + 1 if stuck else 0)
         _write_epoch_summaries(self.writers, self.model, self.step, train_metrics, val_metrics, self.chief)
         self.save("epoch end")
-        self._if_preempted()  # Also in the last epoch: a preemption is never left for after the export.
         corrupt = self.steps_per_epoch * config.batch_size - train_metrics["images"]
         print(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.4f} top-1 err {train_metrics['top1_error']:.2%}"
               f" | val loss {val_metrics['loss']:.4f} top-1 err {val_metrics['top1_error']:.2%} "
@@ -285,6 +303,7 @@ class Trainer:
         warning = stuck_warning(stuck_epochs, train_metrics["loss"], num_classes)
         if warning:
             print(warning, flush=True)
+        self._if_preempted()  # After the epoch's line, in the last epoch too: none is left for after the export.
         check_stuck(stuck_epochs, self.step, config)
         return val_metrics
 

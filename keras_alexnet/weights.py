@@ -38,7 +38,7 @@ def architecture(run_dir):
 
 
 def load_matching_weights(model, run_dir):
-    """Copies into `model` the weights of every layer of run_dir's latest checkpoint with the same name
+    """Copies into `model` the weights of every layer of run_dir's newest intact checkpoint with the same name
     and weight shapes (fine-tuning: e.g. a converted bvlc_alexnet whose fc8 is re-initialised for
     another number of classes). Returns (names loaded, "name (why)" skipped)."""
     source = restore_model(run_dir)[0]

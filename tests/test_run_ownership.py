@@ -245,3 +245,13 @@ def test_a_saved_model_with_our_signature_names_but_other_outputs_is_named(tmp_p
         assert result.stderr.strip().splitlines()[-1] == (
             f"error: {tmp_path / 'foreign'} has no output {output!r} in signature {signature!r} (it has: "
             f"{'logits' if output == 'probabilities' else 'pool5'}): not a keras_alexnet export")
+
+
+def test_a_directory_written_whole_also_when_named_with_a_slash(tmp_path):
+    from keras_alexnet.files import atomic_write
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with atomic_write(f"{tmp_path / 'out'}/") as staging:
+        os.makedirs(staging)
+        Path(staging, "new.txt").write_text("new")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["new.txt"]
