@@ -18,13 +18,16 @@ $(STAMP): setup.py
 train: install
 	$(PY) -m keras_alexnet.train --preset=demo
 
-# Passed tests' directories are removed at the end (a session writes about 1.5 GB to /tmp).
+# TEST_WORKERS processes (pytest-xdist; each takes up to 6 GB); passed tests' directories are removed.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) --dist worksteal
+
 test: install
-	$(PY) -m pytest -q tests -o tmp_path_retention_policy=failed
+	$(PYTEST)
 
 # The tests not marked slow (@pytest.mark.slow): what a laptop runs between changes.
 test-fast: install
-	$(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_FLAGS)

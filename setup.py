@@ -23,8 +23,9 @@ setup(
     ],
     extras_require={
         "and-cuda": ["tensorflow[and-cuda]>=2.21"],
-        # tensorflow-serving-api parses the export's warm-up requests in the tests (2.21 needs tensorflow >=2.21,<3).
-        "dev": ["pytest>=8.0", "tensorflow-serving-api>=2.21"],
+        # pytest-xdist runs the suite in a process a core; tensorflow-serving-api parses the export's warm-up
+        # requests in the tests (2.21 needs tensorflow >=2.21,<3).
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.6", "tensorflow-serving-api>=2.21"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],  # keras_alexnet.convert and its tests.
     },
 )

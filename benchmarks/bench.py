@@ -25,8 +25,9 @@ import tensorflow as tf
 
 from keras_alexnet import data, distribute, export, lrn, preprocess, sources
 from keras_alexnet.config import Config
-from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
-from keras_alexnet.step import make_train_loop, make_train_step
+from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet, tower_variables
+from keras_alexnet.optimizer import PaperSGD
+from keras_alexnet.step import make_replica_step, make_train_loop, make_train_step
 from keras_alexnet.trainer import Trainer, set_up_process
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -148,19 +149,21 @@ def _new_strategy(devices):
 def _our_step(plan, batch_size, num_classes=1000, jit=False, builtin_lrn=False):
     """Our training step (make_train_step) on the replicas of `plan` ({replica: [tower A, tower B]}),
     optionally with the LRN layers swapped for the tf.nn op: a call (images, labels) -> loss, with
-    its tf.function as `.step` and its strategy as `.strategy`."""
+    its tf.function as `.step`, its replica step (for make_train_loop) as `.replica_step` and its strategy
+    as `.strategy`."""
     strategy = _new_strategy(list(plan))
-    with strategy.scope():
+    with tower_variables(), strategy.scope():
         model = build_alexnet(num_classes, tower_devices=plan, seed=0)
         if builtin_lrn:
             model = _with_builtin_lrn(model)
-        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer = PaperSGD(0.01)  # The trainer's: momentum 0.9, weight decay 0.0005.
         optimizer.build(model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, Config(batch_size=batch_size, jit_compile=jit))
+    config = Config(batch_size=batch_size, jit_compile=jit)
+    step = make_train_step(strategy, model, optimizer, config)
 
     def call(images, labels):
         return step(images, labels)[0].numpy()
-    call.step, call.strategy = step, strategy
+    call.step, call.strategy, call.replica_step = step, strategy, make_replica_step(model, optimizer, config)
     return call
 
 
@@ -252,7 +255,7 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
     source = sources.head(full, 640)
     iterator = iter(bare.strategy.distribute_datasets_from_function(lambda context: data.train_pipeline(
         source, batch_size, preprocess.Stats.imagenet(), cache="memory", input_context=context).repeat()))
-    loop = make_train_loop(bare.step, tf.Variable(0, dtype=tf.int64))
+    loop = make_train_loop(bare.strategy, bare.replica_step, tf.Variable(0, dtype=tf.int64))
     rows.append(_row(f"make_train_loop, batch {batch_size}, {loop_steps} steps a call on the training "
                      "pipeline (640 images in memory) vs as many bare steps, alternating",
                      lambda: loop(iterator, tf.constant(loop_steps)).numpy(),

@@ -1,6 +1,48 @@
-"""keras-alexnet: Krizhevsky, Sutskever & Hinton's 2012 AlexNet in TensorFlow / Keras 3."""
+"""keras-alexnet: Krizhevsky, Sutskever & Hinton's 2012 AlexNet in TensorFlow / Keras 3.
+
+Its programs (`python -m keras_alexnet.X`) print only their own lines: below, before TensorFlow is
+imported, its C++ logging is turned down and Python's warnings off; cli.reports_errors turns down the
+Python loggers. KERAS_ALEXNET_VERBOSE=1 brings it all back. A library user's `import keras_alexnet`
+leaves all of it as TensorFlow sets it.
+"""
+import contextlib
+import os
+import sys
+import warnings
+
+
+@contextlib.contextmanager
+def _stderr_dropped():
+    """File descriptor 2 to /dev/null for the block: what C++ libraries write there is lost."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# A program: while `python -m keras_alexnet.X` imports this package, sys.argv[0] is "-m" (runpy sets the path
+# after). KERAS_ALEXNET_VERBOSE, where set, decides instead (0: quiet); it hands a program's choice on to its
+# child processes (ablate's variants).
+QUIET = os.environ.get("KERAS_ALEXNET_VERBOSE", "0" if sys.argv[0] == "-m" else "1") == "0"
+if QUIET:
+    os.environ["KERAS_ALEXNET_VERBOSE"] = "0"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # 3: not even ERROR ("failed call to cuInit").
+    warnings.simplefilter("ignore")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":  # Its libraries log as they load, before they read the level.
+        with _stderr_dropped():
+            import tensorflow  # noqa: F401
+
 from keras_alexnet.lrn import LocalResponseNormalization, local_response_normalization
 from keras_alexnet.model import build_alexnet, feature_model
+from keras_alexnet.optimizer import PaperSGD
+from keras_alexnet.epoch_rules import PaperPlateau
+from keras_alexnet.applications import AlexNet, decode_predictions, preprocess_input
 
 __all__ = ["LocalResponseNormalization", "local_response_normalization", "build_alexnet",
-           "feature_model"]
+           "feature_model", "PaperSGD", "PaperPlateau", "AlexNet", "preprocess_input",
+           "decode_predictions"]

@@ -17,6 +17,7 @@ from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources, weights
 from keras_alexnet.epoch_rules import TrainingStuck
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 from keras_alexnet.trainer import Trainer, set_up_process
 
@@ -103,6 +104,7 @@ def plot(results, path):
         figure.savefig(temporary, dpi=100, format="png")
 
 
+@cli.reports_errors
 def train_variant(config):
     """Trains one variant in this process; run in a child process, so each starts with fresh memory."""
     distribute.split_cpu(config.cpu_devices)
@@ -126,7 +128,7 @@ def run_ablation(base, names, output_dir):
             child.start()
             child.join()
             if child.exitcode:
-                raise RuntimeError(f"variant {name} failed with exit code {child.exitcode}")
+                raise UserError(f"variant {name} failed with exit code {child.exitcode} (its error is above)")
         results[name] = read_history(config.model_dir)
     ten_crop = ten_crop_error(variant_config(base, "baseline", output_dir).model_dir, base) \
         if "baseline" in names else None
@@ -140,12 +142,12 @@ def run_ablation(base, names, output_dir):
     return markdown
 
 
-@cli.reports_errors(RuntimeError)
+@cli.reports_errors
 def main(argv):
     del argv
     unknown = set(FLAGS.variants) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise UserError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     run_ablation(config.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
 
 

@@ -25,6 +25,7 @@ import socket
 import tensorflow as tf
 
 from keras_alexnet.cli import one_line
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 
 CONFIG, LABELS, STATS, CHECKPOINTS = "config.json", "labels.txt", "stats.npz", "checkpoints"
@@ -50,7 +51,7 @@ class RunLock:
                 raise OSError(f"cannot lock {model_dir}/{LOCK}: {error.strerror}") from None
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ValueError(f"{model_dir} is in use by {holder}: one process at a time writes a run "
+            raise UserError(f"{model_dir} is in use by {holder}: one process at a time writes a run "
                              "(wait for it to end, or stop it)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -86,7 +87,7 @@ NAMES = {"steps_per_epoch": "steps per epoch", "input_shape": "input size", "mod
 
 def check_resume(model_dir, config, class_names):
     """The changes [(key, run's value, new value)] of RESUMABLE flags that `config` (as written by the
-    trainer) makes to the run in `model_dir`; a ValueError naming both values where it changes
+    trainer) makes to the run in `model_dir`; a UserError naming both values where it changes
     anything else, or the class names. [] for a new run."""
     if not tf.io.gfile.exists(os.path.join(model_dir, CONFIG)):
         return []
@@ -95,12 +96,12 @@ def check_resume(model_dir, config, class_names):
     for key in [key for key in config if key != "model"] + ["classes", "model"]:  # The network by its classes.
         if key == "classes" and run.class_names != list(class_names):
             differ = sorted(set(run.class_names) ^ set(class_names)) or ["the same names in another order"]
-            raise ValueError(f"{model_dir} was trained on other classes than this dataset's "
+            raise UserError(f"{model_dir} was trained on other classes than this dataset's "
                              f"({', '.join(differ)}): use a new --model_dir")
         if key not in run.config or run.config[key] == config[key]:
             continue
         if key not in RESUMABLE:
-            raise ValueError(f"{model_dir} was trained with {NAMES.get(key, '--' + key)} {run.config[key]}, not "
+            raise UserError(f"{model_dir} was trained with {NAMES.get(key, '--' + key)} {run.config[key]}, not "
                              f"{config[key]}: resume with the same value, or use a new --model_dir")
         changes.append((key, run.config[key], config[key]))
     return changes
@@ -130,7 +131,7 @@ def restore_training(ckpt, path):
     except AssertionError as error:
         names = re.findall(r"tf\.Variable '([^':]+)", str(error))
         missing = sorted({re.sub(r"/replica_\d+$", "", name) for name in names}) or ["some values"]
-        raise ValueError(f"{path} was written by another version of keras_alexnet: it lacks {', '.join(missing)}; "
+        raise UserError(f"{path} was written by another version of keras_alexnet: it lacks {', '.join(missing)}; "
                          "train in a new --model_dir, or start one from its weights with --init_from") from None
 
 
@@ -154,7 +155,7 @@ def restore_intact(directory, restore, step=None):
         except (tf.errors.OpError, IndexError) as error:  # Reading a cut file raises IndexError.
             damaged.append((path, one_line(error)))
     if damaged:
-        raise ValueError(f"every checkpoint in {directory} is damaged: " + "; ".join(
+        raise UserError(f"every checkpoint in {directory} is damaged: " + "; ".join(
             f"{os.path.basename(path)} ({why})" for path, why in damaged))
     raise FileNotFoundError(f"{os.path.dirname(directory.rstrip('/'))} has no checkpoint under {CHECKPOINTS}/")
 
@@ -224,9 +225,9 @@ def read_run_files(model_dir):
         try:
             config = json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is damaged: line {error.lineno}, column {error.colno}: {error.msg} "
+            raise UserError(f"{path} is damaged: line {error.lineno}, column {error.colno}: {error.msg} "
                              "(it holds the run's settings as JSON)") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{path} is damaged: expected a JSON object with the run's settings and its \"model\"")
+        raise UserError(f"{path} is damaged: expected a JSON object with the run's settings and its \"model\"")
     return RunFiles(config, read_labels(os.path.join(model_dir, LABELS)),
                     os.path.join(model_dir, STATS))

@@ -1,19 +1,42 @@
-"""What every command shares: bad input ends as one line `error: ...` and exit status 1.
+"""What every program shares: bad input ends as one line `error: ...` and exit status 1, the
+output is the program's own lines, and GPU memory is taken as needed, not all of every GPU at once.
 
-    @cli.reports_errors()
+    @cli.reports_errors
     def main(argv): ...
 
-User-facing errors are ValueError (preprocess.DataError too), OSError (missing, read-only, a file where a
-folder belongs, ...) and TensorFlow's OpError (the first line of its message, without the graph
-dump); Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and keeps its traceback.
+Bad input (`is_bad_input`) is an errors.UserError (the product's refusals), an OSError (missing,
+read-only, a file where a folder belongs, ...), and TensorFlow's errors about files, a full disk or a
+failed tf.debugging.Assert of ours; its line is the first of its message (without the graph dump).
+Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and keeps its traceback.
+
+In a program (keras_alexnet.QUIET) absl's and TensorFlow's Python loggers print errors only, unless
+absl's --verbosity is given; keras_alexnet/__init__.py quiets TensorFlow's C++ log and Python's warnings.
 """
 import functools
+import logging
+import os
 import re
 import sys
 
 import tensorflow as tf
+from absl import flags
+from absl import logging as absl_logging
 
-USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
+from keras_alexnet import QUIET
+from keras_alexnet.errors import UserError
+
+# TensorFlow's errors about files; and, of any class, messages of a file where a folder belongs (or the
+# reverse: FailedPrecondition), a full disk (ResourceExhausted) and our in-graph checks (tf.debugging.Assert).
+FILE_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError)
+BAD_INPUT_MESSAGE = re.compile(r"assertion failed: \[|is not a directory|Not a directory|Is a directory|"
+                               r"No space left on device")
+
+
+def is_bad_input(error):
+    """Whether `error` is about something the user gave (a flag, a file, data), not a bug."""
+    if isinstance(error, (UserError, OSError) + FILE_ERRORS):
+        return True
+    return isinstance(error, tf.errors.OpError) and bool(BAD_INPUT_MESSAGE.search(error.message))
 
 
 def one_line(error):
@@ -26,18 +49,23 @@ def one_line(error):
     return assertion.group(1) if assertion else line
 
 
-def reports_errors(*more_errors):
-    """Decorator for an absl main: USER_ERRORS (and `more_errors`) exit with one line and status 1."""
-    def decorate(main):
-        @functools.wraps(main)
-        def wrapped(argv):
-            try:
-                return main(argv)
-            except USER_ERRORS + more_errors as error:
-                sys.exit(f"error: {one_line(error)}")
-            except KeyboardInterrupt:
-                print("interrupted", file=sys.stderr)
-                sys.exit(130)
-        return wrapped
-    return decorate
-
+def reports_errors(main):
+    """Decorator for a program's main (or a child process's target): see the module's docstring."""
+    @functools.wraps(main)
+    def wrapped(*args):
+        # Before the first op: a process takes GPU memory as it needs it, not all of every GPU, so that an
+        # evaluate or export beside a run, or two workers on one host, fit.
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+        if QUIET and not flags.FLAGS["verbosity"].present:
+            absl_logging.set_verbosity(absl_logging.ERROR)
+            tf.get_logger().setLevel(logging.ERROR)  # It has a handler of its own (ablate's children: only that).
+        try:
+            return main(*args)
+        except (UserError, OSError, tf.errors.OpError) as error:
+            if not is_bad_input(error):
+                raise
+            sys.exit(f"error: {one_line(error)}")
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+    return wrapped

@@ -11,6 +11,8 @@ import typing
 import tensorflow as tf
 from absl import flags
 
+from keras_alexnet.errors import UserError
+
 FLAGS = flags.FLAGS
 
 
@@ -50,7 +52,8 @@ class Config:
     cpu_devices: int = option(0, "Split the CPU into this many logical devices (0: leave it).")
     mixed_precision: str = option("off", "Keras mixed-precision policy (mixed_float16 adds loss scaling).",
                                   ["off", "mixed_float16", "mixed_bfloat16"])
-    jit_compile: bool = option(False, "Compile each replica's forward and backward pass with XLA.")
+    jit_compile: bool = option(False, "Compile each replica's forward and backward pass with XLA, on one device: "
+                               "with one device a replica (--towers_per_replica=1, or a single device).")
     seed: int = option(0, "Seed of the initial weights, dropout and augmentation.")
     deterministic: bool = option(False, "Deterministic kernels: a resumed run ends as an uninterrupted one.")
     checkpoint_every: int = option(500, "Save a checkpoint every this many steps (and at each epoch end).")
@@ -78,28 +81,31 @@ class Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"--{field.name} must be a finite number, got {value}")
+                raise UserError(f"--{field.name} must be a finite number, got {value}")
         if not self.model_dir.strip():
-            raise ValueError("--model_dir must not be empty: name the run's directory")
+            raise UserError("--model_dir must not be empty: name the run's directory")
         positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every", "shuffle_buffer", "steps_per_loop",
                     "width"]
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["steps_per_epoch", "eval_steps"]:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["weight_decay", "warmup_epochs", "lr_patience", "max_lr_drops", "cpu_devices", "stuck_steps"]:
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
+            raise UserError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.towers_per_replica not in (1, 2):
-            raise ValueError(f"--towers_per_replica must be 1 or 2, got {self.towers_per_replica}")
+            raise UserError(f"--towers_per_replica must be 1 or 2, got {self.towers_per_replica}")
+        if self.deterministic and self.jit_compile:
+            raise UserError("--deterministic with --jit_compile: XLA has no deterministic max-pooling gradient "
+                            "(tensorflow/tensorflow#69417); drop one of them")
         if self.stats and not tf.io.gfile.exists(self.stats):
-            raise ValueError(f"--stats file {self.stats} does not exist")
+            raise UserError(f"--stats file {self.stats} does not exist")
         return self
 
 

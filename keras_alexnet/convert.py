@@ -30,6 +30,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, preprocess
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 from keras_alexnet.model import build_alexnet
 
@@ -47,7 +48,7 @@ CONVS = {  # Caffe's weight shape (out, in / group, kh, kw), group, stride, pad.
 FCS = {"fc6": (4096, 9216), "fc7": (4096, 4096), "fc8": (None, 4096)}  # (out, in); fc8's out is the classes.
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The ONNX file is not bvlc_alexnet's layout, or an argument is wrong."""
 
 
@@ -229,7 +230,7 @@ def define_flags():
                         "Per-channel mean B,G,R that the ONNX model expects subtracted.")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     if len(argv) > 1:
         raise ConversionError(f"unexpected arguments {' '.join(argv[1:])}")

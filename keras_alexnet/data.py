@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_alexnet import preprocess, sources
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 from keras_alexnet.preprocess import CROP_SIZE, IMAGE_SIZE, DataError, center_crop
 from keras_alexnet.progress import progress_bar
@@ -107,7 +108,7 @@ def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_
     """
     per_epoch = steps * batch_size
     if per_epoch > source.num_examples:
-        raise ValueError(f"an epoch of {steps} steps of {batch_size} takes {per_epoch} images; the split has "
+        raise UserError(f"an epoch of {steps} steps of {batch_size} takes {per_epoch} images; the split has "
                          f"{source.num_examples}")
     epochs_per_pass = source.num_examples // per_epoch
     pass_number, part = divmod(epoch, epochs_per_pass)
@@ -157,7 +158,7 @@ def check_trainable(source, name, batch_size, replicas):
         raise DataError(f"{name}: no training image could be read (all {images} files are corrupt, empty or "
                         "not images)")
     if batch_size % replicas:
-        raise ValueError(f"--batch_size {batch_size} does not split evenly over {replicas} replicas")
+        raise UserError(f"--batch_size {batch_size} does not split evenly over {replicas} replicas")
 
 
 def epoch_steps(num_examples, batch_size):

@@ -33,6 +33,7 @@ from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
 from keras_alexnet import cli, export, figures, preprocess, progress, sources
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 
 SIGNATURE = "features"
@@ -56,9 +57,9 @@ class Examples:
 
     def __init__(self, images=None, dataset=None, split="validation", data_dir=None, max_images=None):
         if (images is None) == (dataset is None):
-            raise ValueError("give exactly one of --images and --dataset")
+            raise UserError("give exactly one of --images and --dataset")
         if max_images is not None and max_images < 1:
-            raise ValueError(f"--max_images must be positive, got {max_images}")
+            raise UserError(f"--max_images must be positive, got {max_images}")
         self.folder, self.max_images, self.skipped = images, max_images, 0
         if images is not None:
             self.files = sources.list_images(images)
@@ -178,7 +179,7 @@ def embedded_with(logdir):
     """{"saved_model": path, "fingerprint": sha256} of the export that wrote an embed log dir."""
     path = os.path.join(logdir, EXPORT)
     if not os.path.isfile(path):
-        raise ValueError(f"{logdir} does not name the export that embedded it (no {EXPORT}): run embed again")
+        raise UserError(f"{logdir} does not name the export that embedded it (no {EXPORT}): run embed again")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -191,13 +192,13 @@ def run(saved_model, logdir, images=None, dataset=None, split="validation", data
     existing log dir as it was. A folder that is not an embed log dir is never replaced.
     """
     if not saved_model:
-        raise ValueError("--saved_model is required")
+        raise UserError("--saved_model is required")
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+        raise UserError(f"--batch_size must be positive, got {batch_size}")
     logdir = os.path.normpath(logdir)
     if os.path.exists(logdir) and os.listdir(logdir) and not os.path.isfile(
             os.path.join(logdir, projector_metadata.PROJECTOR_FILENAME)):
-        raise ValueError(f"--logdir {logdir} holds files but is no embed log dir: choose a new or empty folder")
+        raise UserError(f"--logdir {logdir} holds files but is no embed log dir: choose a new or empty folder")
     examples = Examples(images, dataset, split, data_dir, max_images)
     features = load_features(saved_model)
     with atomic_write(logdir) as staging:
@@ -221,7 +222,7 @@ def define_flags():
     flags.DEFINE_string("logdir", "runs/embeddings", "Projector log dir to write (tensorboard --logdir).")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     del argv
     rows, skipped = run(FLAGS.saved_model, FLAGS.logdir, FLAGS.images, FLAGS.dataset,

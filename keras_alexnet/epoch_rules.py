@@ -1,10 +1,16 @@
 """The rules between epochs: section 5's learning-rate drops, and stopping a run that does not learn.
 
 They change the run's state (checkpointed variables) and return what happened; the trainer prints.
+`PaperPlateau` is the learning-rate rule as a callback of `model.fit`.
 """
 import math
 
+import keras
 import numpy as np
+import tensorflow as tf
+
+from keras_alexnet.config import Config
+from keras_alexnet.errors import UserError
 
 
 def update_learning_rate(state, base_lr, val_error, config):
@@ -24,7 +30,33 @@ def update_learning_rate(state, base_lr, val_error, config):
     return False
 
 
-class TrainingStuck(Exception):
+class PaperPlateau(keras.callbacks.Callback):
+    """Section 5's learning-rate rule for `model.fit`: `update_learning_rate` after each epoch on the
+    validation error 1 - logs[monitor], with the trainer's defaults (--lr_patience, --max_lr_drops).
+
+    It divides the optimizer's learning rate, which must be a float (a variable), not a schedule.
+    """
+
+    def __init__(self, patience=Config.lr_patience, max_drops=Config.max_lr_drops, monitor="val_accuracy"):
+        super().__init__()
+        self.monitor, self.config = monitor, Config(lr_patience=patience, max_lr_drops=max_drops)
+        self.state = {"best_error": tf.Variable(1.0), "bad_epochs": tf.Variable(0), "lr_drops": tf.Variable(0)}
+
+    def on_train_begin(self, logs=None):
+        if not isinstance(self.model.optimizer.learning_rate, keras.Variable):
+            raise ValueError("PaperPlateau divides the optimizer's learning rate: give it a float, not a schedule")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor not in (logs or {}):
+            raise ValueError(f"PaperPlateau needs {self.monitor} in the epoch's logs: fit with validation data "
+                             "and an accuracy metric (metrics=['accuracy'])")
+        learning_rate = self.model.optimizer.learning_rate
+        if update_learning_rate(self.state, learning_rate, 1 - logs[self.monitor], self.config):
+            print(f"epoch {epoch + 1}: validation error did not improve: learning rate now "
+                  f"{float(learning_rate.numpy()):g}", flush=True)
+
+
+class TrainingStuck(UserError):
     """Epochs at chance after enough steps, or a diverged loss: better stopped than run for 90 epochs."""
 
 

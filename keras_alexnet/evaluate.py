@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import cli, data, metrics, preprocess, sources, weights
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 
 
@@ -36,13 +37,13 @@ def define_flags():
     flags.DEFINE_boolean("ten_crop", True, "Also report the paper's 10-crop test (section 4.1).")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     del argv
     model, run, step = weights.restore_model(FLAGS.model_dir or "", FLAGS.checkpoint)
     dataset_name = FLAGS.dataset or run.config.get("dataset")
     if not dataset_name:  # A converted model has no dataset of its own.
-        raise ValueError(f"{FLAGS.model_dir} names no dataset: give --dataset")
+        raise UserError(f"{FLAGS.model_dir} names no dataset: give --dataset")
     source = sources.load_source(dataset_name, FLAGS.split, FLAGS.data_dir or run.config.get("data_dir"),
                               class_names=run.class_names)  # The run's labels, by name.
     stats = preprocess.Stats.load(run.stats_path)

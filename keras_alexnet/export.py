@@ -28,8 +28,9 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, preprocess, warmup, weights
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
-from keras_alexnet.model import INPUT_SHAPE, feature_model
+from keras_alexnet.model import INPUT_SHAPE, feature_model, towers_unplaced
 
 IMAGES_EXPECTED = "images must be float32 [N, 227, 227, 3], RGB 0-255; got shape"
 BYTES_EXPECTED = "image_bytes must be a string vector [N] of encoded JPEG/PNG/GIF/BMP images; got shape"
@@ -69,9 +70,9 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=pre
     """
     num_classes = model.output.shape[-1]
     if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model of {num_classes} classes")
+        raise UserError(f"{len(class_names)} class names for a model of {num_classes} classes")
     if not max_megapixels > 0:
-        raise ValueError(f"--max_megapixels must be positive, got {max_megapixels}")
+        raise UserError(f"--max_megapixels must be positive, got {max_megapixels}")
     features = feature_model(model)
     module = tf.Module()
     module.model_weights = [w.value for w in model.weights]
@@ -117,11 +118,13 @@ def serving_module(model, class_names, stats, ten_crop=False, max_megapixels=pre
     def features_images(image_bytes):
         return {"fc7": run_on_bytes(features, image_bytes)}
 
-    # Concrete functions: tf.saved_model.save would trace a tf.function again and store it twice.
-    module.serving_default = serving_default.get_concrete_function()
-    module.features = features_of_images.get_concrete_function()
-    module.predict_images = predict_images.get_concrete_function()
-    module.features_images = features_images.get_concrete_function()
+    # Concrete functions: tf.saved_model.save would trace a tf.function again and store it twice. Traced
+    # with the towers unplaced: the SavedModel pins no device, its loader places it.
+    with towers_unplaced():
+        module.serving_default = serving_default.get_concrete_function()
+        module.features = features_of_images.get_concrete_function()
+        module.predict_images = predict_images.get_concrete_function()
+        module.features_images = features_images.get_concrete_function()
     return module
 
 
@@ -129,14 +132,14 @@ SIGNATURES = ("serving_default", "features", "predict_images", "features_images"
 
 
 def load_signature(saved_model, name, output):
-    """(the loaded SavedModel, its signature `name`), or a ValueError naming the signatures it has, or
+    """(the loaded SavedModel, its signature `name`), or a UserError naming the signatures it has, or
     the outputs of a signature of that name without `output` (another model's)."""
     loaded = tf.saved_model.load(saved_model)
     if name not in loaded.signatures:
-        raise ValueError(f"{saved_model} has no {name!r} signature (found: {', '.join(loaded.signatures)})")
+        raise UserError(f"{saved_model} has no {name!r} signature (found: {', '.join(loaded.signatures)})")
     outputs = loaded.signatures[name].structured_outputs
     if output not in outputs:
-        raise ValueError(f"{saved_model} has no output {output!r} in signature {name!r} (it has: "
+        raise UserError(f"{saved_model} has no output {output!r} in signature {name!r} (it has: "
                          f"{', '.join(outputs)}): not a keras_alexnet export")
     return loaded, loaded.signatures[name]
 
@@ -150,7 +153,7 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
     """
     version = int(version)
     if version < 0:
-        raise ValueError(f"the version must be a non-negative integer, got {version}")
+        raise UserError(f"the version must be a non-negative integer, got {version}")
     path = os.path.join(export_dir, str(version))
     module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
     with tempfile.TemporaryDirectory() as tmp, atomic_write(path) as staging:  # ".N.tmp": TF Serving ignores it.
@@ -174,13 +177,13 @@ def define_flags():  # Not at import: train.py imports this module and has flags
                        "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (python -m keras_alexnet.make_npy turns "
+        raise UserError(f"unexpected arguments {' '.join(argv[1:])} (python -m keras_alexnet.make_npy turns "
                          "image files into saved_model_cli inputs)")
     if not FLAGS.model_dir or not FLAGS.export_dir:
-        raise ValueError("--model_dir and --export_dir are required")
+        raise UserError("--model_dir and --export_dir are required")
     model, run, step = weights.restore_model(FLAGS.model_dir, FLAGS.checkpoint)
     stats = preprocess.Stats.load(run.stats_path)
     version = step if FLAGS.version is None else FLAGS.version

@@ -18,6 +18,7 @@ from absl import app, flags
 from PIL import Image
 
 from keras_alexnet import cli, figures, weights
+from keras_alexnet.errors import UserError
 from keras_alexnet.model import TOWERS, conv1_kernels
 
 
@@ -29,7 +30,7 @@ def kernels_from_saved_model(saved_model):
                if isinstance(v, tf.Variable) and re.fullmatch(r"conv1(_a|_b)?/.*kernel:0", v.name)}
     names = [f"conv1{s}" for s in TOWERS] if "conv1_a" in kernels else ["conv1"]
     if not all(name in kernels for name in names):
-        raise ValueError(f"{saved_model} has no conv1 kernel variables (conv1_a and conv1_b, or conv1): "
+        raise UserError(f"{saved_model} has no conv1 kernel variables (conv1_a and conv1_b, or conv1): "
                          "is it an export of keras_alexnet?")
     return tuple(kernels[name].numpy() for name in names)
 
@@ -43,9 +44,9 @@ def saturation(kernels):
 def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scale=4, step=None):
     """Writes the grid to `output`; returns {"A": saturation, "B": saturation} (just "A" for one tower)."""
     if bool(model_dir) == bool(saved_model):
-        raise ValueError("give exactly one of --model_dir and --saved_model")
+        raise UserError("give exactly one of --model_dir and --saved_model")
     if columns < 1 or scale < 1:
-        raise ValueError("--columns and --scale must be positive")
+        raise UserError("--columns and --scale must be positive")
     towers = kernels_from_saved_model(saved_model) if saved_model else conv1_kernels(
         weights.restore_model(model_dir, step)[0])
     Image.fromarray(figures.kernel_grid(towers, columns, scale)).save(output)
@@ -64,7 +65,7 @@ def define_flags():
     flags.DEFINE_integer("scale", 4, "Nearest-neighbour upsampling of each 11 x 11 kernel.")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     del argv
     saturations = run(FLAGS.output, FLAGS.model_dir, FLAGS.saved_model, FLAGS.columns, FLAGS.scale, FLAGS.checkpoint)

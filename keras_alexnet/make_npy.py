@@ -11,17 +11,15 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import cli, preprocess
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "The .npy to write.")
-flags.DEFINE_bool("bytes", False, "Write the encoded files (for image_bytes), not pixels.")
 
 
 def make_npy(paths, out, encoded=False):
     """Writes saved_model_cli's input for `paths`: centre crops [N, 227, 227, 3] or the encoded files."""
     if not paths:
-        raise ValueError("give image files as arguments")
+        raise UserError("give image files as arguments")
     files, crops = [], []
     for path in paths:
         if not tf.io.gfile.exists(path):
@@ -42,13 +40,22 @@ def make_npy(paths, out, encoded=False):
     return array.shape
 
 
-@cli.reports_errors()
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("out", None, "The .npy to write.")
+    flags.DEFINE_bool("bytes", False, "Write the encoded files (for image_bytes), not pixels.")
+
+
+@cli.reports_errors
 def main(argv):
     if not FLAGS.out:
-        raise ValueError("--out=FILE.npy is required")
+        raise UserError("--out=FILE.npy is required")
     shape = make_npy(argv[1:], FLAGS.out, FLAGS.bytes)
     print(f"wrote {FLAGS.out}: {'object' if FLAGS.bytes else 'float32'} {list(shape)}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

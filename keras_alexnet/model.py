@@ -6,14 +6,27 @@ The input is 227 x 227 x 3, not the 224 the paper's text says: an 11 x 11 kernel
 Tower A and tower B each hold half of every layer, as the paper's two GPUs did. They exchange
 activations only where the paper's GPUs communicated: conv3, fc6 and fc7 see both towers' outputs,
 every other layer sees its own tower only. fc8 and the softmax run on tower A's device.
+
+Each tower's weights, and their momentum, live on the tower's device too: section 3.2's GPUs each
+held half of the kernels. Inside a MirroredStrategy that takes `tower_variables()`, entered before
+the strategy's scope. The strategy makes a variable's copy for each replica under that replica's
+device scope, calling the variable creators entered before its scope from inside that one: there the
+creator moves the copy of an OnTower layer's variable to its tower's device for that replica. Keras's
+TensorFlow optimizer makes each slot colocated with its variable (`colocate_vars_with`), so the
+momentum follows. A creator was chosen over tower-local variables: the variables stay the strategy's
+own MirroredVariables, so the all-reduce, the update on each copy's device, checkpoints and
+MultiWorkerMirroredStrategy's broadcast of the initial values work unchanged.
 """
 import contextlib
+import contextvars
 import itertools
 
 import keras
 import tensorflow as tf
 from keras import layers
+from tensorflow.python.distribute import device_util  # The device a MirroredStrategy makes a copy on.
 
+from keras_alexnet.errors import UserError
 from keras_alexnet.lrn import LocalResponseNormalization, TowerLocalResponseNormalization
 
 INPUT_SHAPE = (227, 227, 3)
@@ -32,10 +45,32 @@ INITS = {
 }
 
 
-def _local_name(device):
+def local_name(device):
     """"TYPE:index" of a device string, so that "/device:CPU:0" and "/job:w/task:1/device:CPU:0" agree."""
     spec = tf.DeviceSpec.from_string(device)
     return f"{spec.device_type}:{spec.device_index}"
+
+
+# Whether tower_variables() is entered; the (tower_devices, tower) of the OnTower layer being built;
+# whether towers_unplaced() is entered.
+_PLACING = contextvars.ContextVar("placing", default=False)
+_BUILDING = contextvars.ContextVar("building", default=None)
+_UNPLACED = contextvars.ContextVar("unplaced", default=False)
+
+
+@contextlib.contextmanager
+def _set(variable, value):
+    """`variable` (a ContextVar) is `value` for the block."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+def _pair(plan, device):
+    """The (tower A, tower B) devices that `plan` gives the replica on `device`, or None."""
+    return {local_name(k): v for k, v in plan.items()}.get(local_name(device))
 
 
 def tower_device(tower_devices, tower):
@@ -49,18 +84,49 @@ def tower_device(tower_devices, tower):
         return None
     if isinstance(tower_devices, dict):
         context = tf.distribute.get_replica_context()
-        if context is None:  # Cross-replica context (strategy.scope()): the strategy places variables.
+        if context is None:  # Cross-replica context (strategy.scope()): tower_variables places variables.
             return None
-        plan = {_local_name(k): v for k, v in tower_devices.items()}
-        try:
-            pair = plan.get(_local_name(tf.nest.flatten(context.devices)[0]))
-        except IndexError:  # MultiWorkerMirroredStrategy numbers its replicas across workers.
-            pair = None
-        if pair is None:  # By local replica number; outside a strategy that is 0, the first pair.
-            replica = tf.get_static_value(context.replica_id_in_sync_group) or 0
-            pair = list(plan.values())[replica % len(plan)]
+        replica = tf.get_static_value(context.replica_id_in_sync_group) or 0  # Outside a strategy: 0.
+        devices = context.strategy.extended.worker_devices if tf.distribute.has_strategy() else ()
+        # This worker's replica devices; MultiWorkerMirroredStrategy numbers its replicas across workers.
+        pair = _pair(tower_devices, devices[replica % len(devices)]) if devices else None
+        if pair is None:  # By replica number: the first pair outside a strategy.
+            pair = list(tower_devices.values())[replica % len(tower_devices)]
         return pair[tower]
     return tower_devices[tower]
+
+
+@contextlib.contextmanager
+def tower_variables():
+    """Puts each tower's variables, and the optimizer slots made from them, on its tower's device in
+    every replica (the module's docstring says how). Enter it before the strategy's scope:
+
+        with tower_variables(), strategy.scope():
+            model = build_alexnet(tower_devices=plan)
+            optimizer.build(model.trainable_variables)
+    """
+    def creator(next_creator, **kwargs):
+        building = _BUILDING.get()
+        if building is None:  # Not an OnTower layer's variable: the replica's device.
+            return next_creator(**kwargs)
+        tower_devices, tower = building
+        replica = device_util.current()  # The strategy's device scope for this copy.
+        pair = _pair(tower_devices, replica) if isinstance(tower_devices, dict) else tower_devices
+        if pair is None:
+            raise ValueError(f"no tower devices for a variable made on {replica!r}: enter tower_variables() "
+                             "before strategy.scope(), with a plan naming each replica's device")
+        with tf.device(pair[tower]):
+            return next_creator(**kwargs)
+
+    with _set(_PLACING, True), tf.variable_creator_scope(creator):
+        yield
+
+
+def towers_unplaced():
+    """Model calls inside run, and are traced, without the towers' device scopes: an export's functions,
+    which the loading process places (a strict loader refuses pinned devices, and a server's request
+    would run on two GPUs)."""
+    return _set(_UNPLACED, True)
 
 
 def default_tower_devices():
@@ -73,7 +139,8 @@ def default_tower_devices():
 
 @keras.saving.register_keras_serializable(package="keras_alexnet")
 class OnTower(keras.layers.Wrapper):
-    """Runs the wrapped layer, and builds its variables, under its tower's `tf.device` scope.
+    """Runs the wrapped layer, and builds its variables, under its tower's `tf.device` scope (in a
+    strategy's scope, `tower_variables` places the variables).
 
     A `tf.device` scope around a layer call while a functional model is built is not replayed when
     the model runs, so the scope is entered here, in `build` and in `call`, every time the model runs.
@@ -88,12 +155,17 @@ class OnTower(keras.layers.Wrapper):
     def _scope(self):
         """The tower's device scope; none for an unplaced tower: `tf.device(None)` would clear the scope of
         the MirroredStrategy replica it runs in, and put every replica on the default device."""
-        device = tower_device(self.tower_devices, self.tower)
+        device = None if _UNPLACED.get() else tower_device(self.tower_devices, self.tower)
         return contextlib.nullcontext() if device is None else tf.device(device)
 
     def build(self, input_shape):
         if not self.layer.built:  # A deserialized inner layer arrives built.
-            with self._scope():
+            placed = bool(self.tower_devices) and tf.distribute.has_strategy() and \
+                tf.distribute.in_cross_replica_context()
+            if placed and not _PLACING.get():  # The strategy would put every tower on the replica's device.
+                raise ValueError("build a model with tower devices in a strategy's scope inside "
+                                 "keras_alexnet.model.tower_variables(), entered before strategy.scope()")
+            with _set(_BUILDING, (self.tower_devices, self.tower) if placed else None), self._scope():
                 self.layer.build(input_shape)
         self.built = True
 
@@ -131,7 +203,7 @@ class ReplicaDropout(layers.Dropout):
 def _initializers(init, name, seed):
     """(kernel, bias) initializers of layer `name` ("conv1", ..., "fc8") under scheme `init`."""
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise UserError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     scheme = INITS[init]
     if scheme is None:
         return keras.initializers.GlorotUniform(seed=seed), keras.initializers.Zeros()
@@ -147,8 +219,9 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
 
     Args:
       num_classes: width of fc8 (1000 for ILSVRC).
-      tower_devices: None (TensorFlow places; with two GPUs, GPU:0 and GPU:1), a pair of device
-        strings for towers A and B, or a dict mapping each replica device to such a pair.
+      tower_devices: None (TensorFlow places; with two GPUs and no tf.distribute strategy, GPU:0 and
+        GPU:1), a pair of device strings for towers A and B, or a dict mapping each replica device
+        to such a pair (in a strategy's scope, inside tower_variables()).
       dropout_rate: dropout after fc6 and fc7 (section 4.2; 0 disables it).
       init: "paper" (section 5), "caffe" (bvlc_alexnet's fillers) or "glorot" (Keras default).
       seed: makes the initial weights and the dropout masks reproducible.
@@ -163,13 +236,13 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
         shape for tests and quick experiments).
     """
     if towers not in (1, 2):
-        raise ValueError(f"towers must be 1 or 2, got {towers}")
-    if tower_devices is None:
+        raise UserError(f"towers must be 1 or 2, got {towers}")
+    if tower_devices is None and not tf.distribute.has_strategy():  # A strategy's replicas take the devices.
         tower_devices = default_tower_devices()
     if isinstance(tower_devices, (list, tuple)):
         tower_devices = list(tower_devices)
     if not width > 0:
-        raise ValueError(f"width must be positive, got {width}")
+        raise UserError(f"width must be positive, got {width}")
     halves = 2 // towers  # A single tower holds both halves of every layer.
 
     def scaled(units):

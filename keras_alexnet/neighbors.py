@@ -29,6 +29,7 @@ from tensorboard.plugins import projector
 from tensorboard.plugins.projector import metadata as projector_metadata
 
 from keras_alexnet import cli, embed, figures
+from keras_alexnet.errors import UserError
 
 Embedded = collections.namedtuple("Embedded", ["fc7", "files", "labels", "thumbs"])
 GAP, CHUNK = 2, 8192  # White pixels between tiles; index rows per distance block.
@@ -39,7 +40,7 @@ def embed_folder(features, folder, batch_size):
     """Embedded images of a folder, in memory (the index or the queries of a query run)."""
     batches = list(embed.embedded_batches(features, embed.Examples(images=folder), batch_size))
     if not batches:
-        raise ValueError(f"no image in {folder} could be decoded")
+        raise UserError(f"no image in {folder} could be decoded")
     names, labels, fc7, thumbs = zip(*batches)
     return Embedded(np.concatenate(fc7), sum(names, []), sum(labels, []), np.concatenate(thumbs))
 
@@ -52,7 +53,7 @@ def read_logdir(logdir):
     info = next((e for e in config.embeddings if e.tensor_name == embed.TENSOR_NAME), None)
     checkpoint = tf.train.latest_checkpoint(logdir)
     if info is None or checkpoint is None:
-        raise ValueError(f"{logdir} is not a log dir of keras_alexnet.embed")
+        raise UserError(f"{logdir} is not a log dir of keras_alexnet.embed")
     fc7 = tf.train.load_checkpoint(checkpoint).get_tensor(embed.TENSOR_NAME)
     with open(os.path.join(logdir, info.metadata_path), encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
@@ -61,7 +62,7 @@ def read_logdir(logdir):
     grid = sprite.shape[1] // side
     tiles = sprite.reshape(grid, side, grid, side, 3).swapaxes(1, 2).reshape(-1, side, side, 3)
     if len(rows) != len(fc7):
-        raise ValueError(f"{logdir}: {len(rows)} metadata rows for {len(fc7)} embeddings")
+        raise UserError(f"{logdir}: {len(rows)} metadata rows for {len(fc7)} embeddings")
     return Embedded(fc7, [r[0] for r in rows], [r[-1] for r in rows], tiles[:len(fc7)])
 
 
@@ -114,14 +115,14 @@ def captioned(tile, lines, font):
 def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64):
     """Writes neighbors.png and neighbors.tsv under output_dir; returns their paths."""
     if not saved_model or not index or not queries:
-        raise ValueError("--saved_model, --index and --queries are all required")
+        raise UserError("--saved_model, --index and --queries are all required")
     if k < 1:
-        raise ValueError(f"-k must be positive, got {k}")
+        raise UserError(f"-k must be positive, got {k}")
     features = embed.load_features(saved_model)
     if os.path.isfile(os.path.join(index, projector_metadata.PROJECTOR_FILENAME)):
         made_by, ours = embed.embedded_with(index), embed.fingerprint(saved_model)
         if made_by["fingerprint"] != ours:
-            raise ValueError(f"--index {index} was embedded by {made_by['saved_model']} (fingerprint "
+            raise UserError(f"--index {index} was embedded by {made_by['saved_model']} (fingerprint "
                              f"{made_by['fingerprint'][:12]}), not by --saved_model {saved_model} ({ours[:12]}): "
                              "its distances would mean nothing; run embed with this export")
         found = read_logdir(index)
@@ -129,7 +130,7 @@ def run(saved_model, index, queries, k=6, output_dir="neighbors", batch_size=64)
         found = embed_folder(features, index, batch_size)
     asked = embed_folder(features, queries, batch_size)
     if asked.fc7.shape[1] != found.fc7.shape[1]:
-        raise ValueError(f"queries have {asked.fc7.shape[1]} features but the index {found.fc7.shape[1]}")
+        raise UserError(f"queries have {asked.fc7.shape[1]} features but the index {found.fc7.shape[1]}")
     rows, distances = nearest(asked.fc7, found.fc7, min(k, len(found.fc7)))
     os.makedirs(output_dir, exist_ok=True)
     png, tsv = os.path.join(output_dir, "neighbors.png"), os.path.join(output_dir, "neighbors.tsv")
@@ -157,7 +158,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 64, "Images per call of the signature.")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     del argv
     png, tsv = run(FLAGS.saved_model, FLAGS.index, FLAGS.queries, FLAGS.k, FLAGS.output_dir, FLAGS.batch_size)

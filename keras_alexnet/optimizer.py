@@ -1,9 +1,43 @@
 """The optimizers of section 5's update, for the trainer and for Keras users.
 
-`LossScaleOptimizer` is Keras's dynamic loss scaling (mixed_float16) made safe across replicas.
+`PaperSGD` is section 5's update rule; `LossScaleOptimizer` is Keras's dynamic loss scaling
+(mixed_float16) made safe across replicas.
 """
 import keras
 import tensorflow as tf
+
+
+def decayed(variable, decay_biases):
+    """Section 5 decays the 'weights': a Keras variable named "bias" only with decay_biases."""
+    return decay_biases or variable.name != "bias"
+
+
+@keras.saving.register_keras_serializable(package="keras_alexnet")
+class PaperSGD(keras.optimizers.SGD):
+    """Section 5's update: v <- 0.9 v - 0.0005 eps w - eps dL/dw; w <- w + v.
+
+    The weight decay is inside the momentum: `update_step` adds weight_decay * w to the gradient
+    before Keras's momentum update. Keras's `SGD(weight_decay=...)` instead subtracts eps wd w from
+    the weights outside the momentum, so with momentum 0.9 the paper's decay is ten times stronger
+    in the steady state (v -> -eps wd w / (1 - 0.9)). Biases are decayed only with `decay_biases`.
+    Under MirroredStrategy Keras sums the replicas' gradients before `update_step`, and a
+    LossScaleOptimizer unscales them before: the decay is added once, to the unscaled sum.
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False, **kwargs):
+        super().__init__(learning_rate, momentum=momentum, **kwargs)  # Keras's own weight_decay stays None.
+        self.paper_weight_decay, self.decay_biases = weight_decay, decay_biases
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Keras's momentum update of dL/dw + weight_decay * w (dL/dw alone for a variable not decayed)."""
+        keras_variable = self._trainable_variables[self._get_variable_index(variable)]  # Of a replica's copy too.
+        if self.paper_weight_decay and decayed(keras_variable, self.decay_biases):
+            decay = keras.ops.cast(self.paper_weight_decay, variable.dtype)
+            gradient = keras.ops.cast(gradient, variable.dtype) + decay * variable
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "weight_decay": self.paper_weight_decay, "decay_biases": self.decay_biases}
 
 
 @keras.saving.register_keras_serializable(package="keras_alexnet")

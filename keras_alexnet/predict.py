@@ -31,6 +31,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, export, sources
+from keras_alexnet.errors import UserError
 from keras_alexnet.progress import ClearableBar
 
 SIGNATURE = "predict_images"
@@ -40,7 +41,7 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 def list_files(paths):
     """The files named, and the images below the folders named (recursively, sorted)."""
     if not paths:
-        raise ValueError("name image files or folders to classify")
+        raise UserError("name image files or folders to classify")
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -57,7 +58,7 @@ def load(saved_model, ten_crop=False):
     loaded, signature = export.load_signature(saved_model, SIGNATURE, "probabilities")
     exported_ten_crop = bool(getattr(loaded, "ten_crop", tf.constant(False)).numpy())
     if ten_crop and not exported_ten_crop:
-        raise ValueError(f"{saved_model} was not exported with --ten_crop: its {SIGNATURE} takes the centre "
+        raise UserError(f"{saved_model} was not exported with --ten_crop: its {SIGNATURE} takes the centre "
                          "crop. Export again with `python -m keras_alexnet.export ... --ten_crop`, or drop --ten_crop")
     labels = checkpoint.read_labels(os.path.join(saved_model, "assets", checkpoint.LABELS))
     return signature, labels, exported_ten_crop
@@ -94,7 +95,7 @@ class Output:
     def __init__(self, path, top_k):
         self.format = FORMATS.get(os.path.splitext(path)[1].lower())
         if self.format is None:
-            raise ValueError(f"--output must end in {', '.join(FORMATS)}, got {path}")
+            raise UserError(f"--output must end in {', '.join(FORMATS)}, got {path}")
         self.file = open(path, "w", encoding="utf-8", newline="")
         if self.format == "csv":
             self.csv = csv.writer(self.file)
@@ -115,9 +116,9 @@ class Output:
 def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32):
     """Prints one line per image; returns (images classified, skipped files)."""
     if not saved_model:
-        raise ValueError("--saved_model is required")
+        raise UserError("--saved_model is required")
     if top_k < 1 or batch_size < 1:
-        raise ValueError("--top_k and --batch_size must be positive")
+        raise UserError("--top_k and --batch_size must be positive")
     files = list_files(paths)
     signature, labels, averaged = load(saved_model, ten_crop)
     k = min(top_k, len(labels))
@@ -143,7 +144,7 @@ def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32)
     print(f"{done} images classified ({'mean of 10 crops' if averaged else 'centre crop'}); skipped {len(skipped)} "
           f"unreadable files{': ' + ', '.join(skipped) if skipped else ''}")
     if not done:
-        raise ValueError(f"none of the {len(files)} files could be read as an image")
+        raise UserError(f"none of the {len(files)} files could be read as an image")
     return done, skipped
 
 
@@ -159,7 +160,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 32, "Images per call of the signature.")
 
 
-@cli.reports_errors()
+@cli.reports_errors
 def main(argv):
     run(FLAGS.saved_model, argv[1:], FLAGS.top_k, FLAGS.ten_crop, FLAGS.output, FLAGS.batch_size)
 

@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 
 IMAGE_SIZE = 256
@@ -23,7 +24,7 @@ MAX_MEGAPIXELS = 64  # Larger images are refused before decoding (a 48 KB PNG ca
 FORMATS = "JPEG, PNG, GIF, BMP or WebP"  # Those whose size `image_size` reads from the header.
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user-facing, one-line problem with the data: bad folder, unknown dataset, missing split."""
 
 

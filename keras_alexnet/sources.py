@@ -15,6 +15,7 @@ from keras_alexnet import synthetic
 from keras_alexnet.preprocess import IMAGE_SIZE, DataError, decode, resize_and_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+PREPARE_FACTS = "prepare.json"  # What `python -m keras_alexnet.prepare` writes first; TFDS's metadata comes last.
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -64,11 +65,12 @@ def array_source(images, labels, class_names):
     return random_access_source(np.asarray(images, np.uint8), labels, tf.identity, class_names)
 
 
-def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_names=None):
+def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_names=None, part=None):
     """The `split` of `dataset` as a `Source`.
 
-    dataset: "synthetic" (built-in, see keras_alexnet.synthetic), a folder of class folders, or a
-        TFDS name such as "imagenette/320px-v2", "tf_flowers" or "imagenet2012".
+    dataset: "synthetic" (built-in, see keras_alexnet.synthetic), a folder of class folders, a folder
+        `python -m keras_alexnet.prepare` wrote (TFDS array_record files), or a TFDS name such as
+        "imagenette/320px-v2", "tf_flowers" or "imagenet2012".
     split: "train" or "validation" ("val" also works); other TFDS split names pass through.
     Folders: DATASET/train and DATASET/val (or validation) are used when present; otherwise DATASET
         holds the class folders (or only DATASET/train exists) and the validation split is the
@@ -78,18 +80,25 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_n
     class_names: the label of each class name (e.g. a run's labels.txt): the split's classes are
         matched to them by name, and a class not among them is a DataError naming it; a split may
         have fewer. Default: the dataset's own (for folders, the training split's folders).
+    part: (index, count) for a TFDS dataset: the index-th of `count` even parts of the split
+        (tfds.even_splits), read from its own files only: how prepare reads a split read in order.
     Files that fail to load (truncated, empty, not an image, too small or too large) are flagged by
     `load_images`.
     """
     split = {"val": "validation"}.get(split, split)
     if dataset == "synthetic":
         source = _synthetic_source(split)
+    elif is_prepared(dataset):
+        import tensorflow_datasets as tfds  # Slow to import; only needed here.
+        source = _builder_source(tfds.builder_from_directory(dataset), dataset, split, val_fraction, part)
+    elif tf.io.gfile.exists(os.path.join(dataset, PREPARE_FACTS)):
+        raise DataError(f"{dataset} is a python -m keras_alexnet.prepare that has not finished: run it again")
     elif tf.io.gfile.isdir(dataset):
         return _folder_source(dataset, split, val_fraction, seed, class_names)
     elif dataset.startswith((".", "~")) or os.path.isabs(dataset) or "://" in dataset:
         raise DataError(f"dataset folder {dataset} does not exist")
     else:
-        source = _tfds_source(dataset, split, data_dir, val_fraction)
+        source = _tfds_source(dataset, split, data_dir, val_fraction, part)
     if class_names is None or list(class_names) == source.class_names:
         return source
     labels = tf.constant(_labels_by_name(source.class_names, class_names, f"{dataset} ({split})"), tf.int32)
@@ -97,6 +106,11 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_n
     return source._replace(records=source.records.map(relabel), class_names=list(class_names),
                            lookup=source.lookup and (lambda index: relabel(*source.lookup(index))),
                            shuffled=source.shuffled and (lambda seed: source.shuffled(seed).map(relabel)))
+
+
+def is_prepared(folder):
+    """Whether `folder` holds a finished `python -m keras_alexnet.prepare` (TFDS's dataset_info.json)."""
+    return tf.io.gfile.exists(os.path.join(folder, "dataset_info.json"))
 
 
 def _labels_by_name(names, class_names, where):
@@ -211,14 +225,14 @@ def _path_fraction(path):
     return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") / 2 ** 64
 
 
-def _tfds_source(name, split, data_dir, val_fraction):
+def _tfds_source(name, split, data_dir, val_fraction, part):
     import tensorflow_datasets as tfds  # Slow to import; only needed here.
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"unknown dataset {name!r}: not 'synthetic', not a folder, not a TFDS name") from None
     except ValueError as error:  # E.g. an unknown config of a known dataset.
-        raise DataError(f"TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
+        raise DataError(f"TFDS dataset {name!r}: {str(error).splitlines()[0]}") from error
     if not builder.is_prepared():
         manual = ""
         if name.startswith("imagenet2012"):
@@ -228,14 +242,22 @@ def _tfds_source(name, split, data_dir, val_fraction):
             f"TFDS dataset {name!r} is not prepared in {builder.data_dir}: run `tfds build {name}"
             f"{' --data_dir=' + data_dir if data_dir else ''}`{manual} (or call "
             f"tfds.builder({name!r}).download_and_prepare())")
+    return _builder_source(builder, name, split, val_fraction, part)
+
+
+def _builder_source(builder, name, split, val_fraction, part):
+    """The Source of a prepared TFDS builder's split: by index from array_record files, else in order."""
+    import tensorflow_datasets as tfds
     splits = builder.info.splits
     if split in ("train", "validation") and "validation" not in splits and "train" in splits:
         cut = round(100 * (1 - val_fraction))
         split = f"train[:{cut}%]" if split == "train" else f"train[{cut}%:]"
+    if part:
+        split = tfds.even_splits(split, part[1])[part[0]]
     try:
         num_examples = splits[split].num_examples
-    except (KeyError, ValueError, AssertionError):
-        raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from None
+    except (KeyError, ValueError, AssertionError) as error:
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has {', '.join(splits)}") from error
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     class_names = builder.info.features[label_key].names
     if builder.info.file_format == tfds.core.file_adapters.FileFormat.ARRAY_RECORD:  # Random access.

@@ -13,7 +13,6 @@ from absl import app
 from keras_alexnet import cli, export
 from keras_alexnet.config import config_from_flags, define_flags
 from keras_alexnet.distribute import make_strategy, split_cpu
-from keras_alexnet.epoch_rules import TrainingStuck
 from keras_alexnet.trainer import Trainer, set_up_process
 
 
@@ -33,7 +32,7 @@ def print_next_steps(config, exported):
     print(f"  tensorboard --logdir={model_dir}      # curves, histograms, conv1 kernels, the projector")
 
 
-@cli.reports_errors(TrainingStuck)
+@cli.reports_errors
 def main(argv):
     del argv
     config = config_from_flags()

@@ -5,7 +5,8 @@ replica plan computes the same thing: the pipeline cuts each global batch the sa
 devices (data.py), the loss is averaged over the global batch, and replica gradients are summed.
 --steps_per_loop steps run inside one tf.function; between loops the host updates the progress,
 writes summaries and checkpoints, and TensorFlow's PreemptionCheckpointHandler turns SIGTERM (and
-Ctrl-C) into one checkpoint that every worker saves at the same step, then exit status 0.
+Ctrl-C) into one checkpoint that every worker saves at the same step, then exit status 0. The handler
+watches our own SIGTERM flag on every platform (`_watch_for_sigterm`).
 """
 import dataclasses
 import json
@@ -19,24 +20,41 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.distribute.failure_handling import failure_handling_util  # PlatformDevice: no public API.
 
 from keras_alexnet import checkpoint, data, figures, metrics, preprocess, progress, sources, summaries, weights
-from keras_alexnet.distribute import is_chief
+from keras_alexnet.distribute import describe, is_chief
 from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
-from keras_alexnet.model import INPUT_SHAPE, build_alexnet, conv1_kernels
-from keras_alexnet.optimizer import LossScaleOptimizer
-from keras_alexnet.step import WarmupThenPlateau, make_train_loop, make_train_step
+from keras_alexnet.errors import UserError
+from keras_alexnet.model import INPUT_SHAPE, build_alexnet, conv1_kernels, tower_variables
+from keras_alexnet.optimizer import LossScaleOptimizer, PaperSGD
+from keras_alexnet.step import WarmupThenPlateau, make_replica_step, make_train_loop
 
 
 def set_up_process(config):
     """What a run sets for its whole process, before its Trainer is built (train.main does it; so must
-    any program that builds a Trainer): the seed, deterministic kernels, the dtype policy, and Ctrl-C
-    handled as SIGTERM (a checkpoint, then exit 0)."""
+    any program that builds a Trainer): the seed, deterministic kernels (and no TF32 matmuls, on by
+    default on Ampere GPUs), the dtype policy, and Ctrl-C handled as SIGTERM (a checkpoint, then exit 0).
+    None of it initialises TensorFlow's devices (MultiWorkerMirroredStrategy comes after)."""
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
     keras.mixed_precision.set_dtype_policy(_policy(config))
+    if config.mixed_precision == "mixed_bfloat16":
+        _warn_of_old_gpus()
     signal.signal(signal.SIGINT, _interrupt)
+
+
+def _warn_of_old_gpus():
+    """bfloat16 kernels need compute capability 8.0 (Ampere); before it they are float32 kernels between casts."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability and capability < (8, 0):
+            print(f"warning: --mixed_precision=mixed_bfloat16 on {gpu.name}, of compute capability "
+                  f"{'.'.join(map(str, capability))}: bfloat16 needs 8.0 or newer, below it runs float32 kernels "
+                  "between casts, slower than float32; use mixed_float16 there", flush=True)
+            return
 
 
 def _interrupt(signum, frame):
@@ -57,6 +75,9 @@ class Trainer:
         if keras.mixed_precision.dtype_policy().name != _policy(config):
             raise ValueError(f"the dtype policy is {keras.mixed_precision.dtype_policy().name}, not "
                              f"{_policy(config)}: call trainer.set_up_process(config) before building a Trainer")
+        if config.jit_compile and any(a != b for a, b in plan.values()):
+            raise UserError("--jit_compile with two towers on two devices: XLA would run both on one device "
+                            "(it ignores tf.device, tensorflow/tensorflow#124880); use --towers_per_replica=1 with it")
         self.config, self.strategy, self.chief = config, strategy, is_chief(strategy)
         self.train_source = sources.load_source(config.dataset, "train", config.data_dir, seed=config.seed)
         self.val_source = sources.load_source(config.dataset, "validation", config.data_dir, seed=config.seed,
@@ -82,19 +103,20 @@ class Trainer:
         """The run's model, optimizer and state, restored or new; its writers, step functions and validation data."""
         config, strategy = self.config, self.strategy
         changes = checkpoint.check_resume(config.model_dir, run_config, self.train_source.class_names)
-        logging.info("devices: %s", "; ".join(f"replica {i} on {r} -> towers on {a}, {b}"
-                                               for i, (r, (a, b)) in enumerate(plan.items())))
+        logging.info("devices: %s", describe(plan))
         self._build(model_kwargs, plan)
         self._restore_or_create(run_config)
         self.writers = {split: tf.summary.create_file_writer(os.path.join(config.model_dir, split)) if self.chief
                         else tf.summary.create_noop_writer() for split in ("train", "validation")}
+        self.signalled = threading.Event()  # SIGTERM or Ctrl-C (_watch_for_sigterm).
         self.preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
             getattr(strategy, "cluster_resolver", None), self.manager,
-            termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._stopped))
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                termination_watcher_fn=self.signalled.is_set, exit_fn=self._stopped, grace_period=0))
         self._watch_for_sigterm()
         if changes:  # After the handler, which restores the latest checkpoint once more.
             self._apply(changes)
-        self.train_loop = make_train_loop(make_train_step(strategy, self.model, self.optimizer, config),
+        self.train_loop = make_train_loop(strategy, make_replica_step(self.model, self.optimizer, config),
                                           self.state["step"])
         self.eval_step = metrics.make_eval_step(strategy, self.model)
         if config.cache:
@@ -124,12 +146,12 @@ class Trainer:
 
     def _build(self, model_kwargs, plan):
         config = self.config
-        with self.strategy.scope():
+        with tower_variables(), self.strategy.scope():  # Each tower's weights on its device (model.py).
             self.model = build_alexnet(**model_kwargs, tower_devices=plan, seed=config.seed)
             self.base_lr = tf.Variable(config.learning_rate, trainable=False, name="base_lr")
-            self.optimizer = keras.optimizers.SGD(
+            self.optimizer = PaperSGD(  # Section 5's update, the weight decay inside the momentum.
                 WarmupThenPlateau(self.base_lr, config.warmup_epochs * self.steps_per_epoch),
-                momentum=config.momentum)
+                momentum=config.momentum, weight_decay=config.weight_decay, decay_biases=config.decay_biases)
             if config.mixed_precision == "mixed_float16":
                 self.optimizer = LossScaleOptimizer(self.optimizer)  # Its overflows agreed by all replicas.
             self.optimizer.build(self.model.trainable_variables)  # Before the first step, inside the scope.
@@ -155,7 +177,7 @@ class Trainer:
                 print(checkpoint.damage_report(damaged, path), flush=True)
                 if self.chief:  # Before the manager (and the preemption handler) read which one is newest.
                     checkpoint.forget(self.checkpoint_dir, damaged, path)
-            logging.info("resumed from %s at step %d, epoch %d", path, self.step, self.epoch)
+            print(f"resumed from {path} at step {self.step}, epoch {self.epoch}", flush=True)
         elif config.init_from:  # A new run only: a resumed one has its own weights.
             loaded, skipped = weights.load_matching_weights(self.model, config.init_from)
             print(f"--init_from {config.init_from}: loaded {len(loaded)} layers; skipped {len(skipped)}: "
@@ -189,16 +211,18 @@ class Trainer:
         logging.info("saved %s (%s)", path, reason)
 
     def _watch_for_sigterm(self):
-        """Notes SIGTERM (and Ctrl-C) for work outside the loops, then hands it to TensorFlow's handler
-        (none is installed on some platforms: then SIGTERM ends the process as usual); `close` undoes it."""
-        self.signalled, handler = threading.Event(), signal.getsignal(signal.SIGTERM)
-        self._sigterm_before = handler
+        """SIGTERM (and Ctrl-C) set `signalled`, which TensorFlow's handler polls each second (our
+        termination_watcher_fn) and work outside the loops reads. Given none, the handler would watch
+        SIGTERM itself, but on GCP's GPU VMs poll the maintenance events alone, with an hour's grace,
+        and SIGTERM would end the run unsaved. On GCP's CPU and TPU VMs the handler does nothing (its
+        own rule): there SIGTERM ends the process as usual. `close` undoes it."""
+        self._sigterm_before = signal.getsignal(signal.SIGTERM)
+        watched = self.preemption._platform_device not in (  # The platforms TensorFlow's handler ignores.
+            failure_handling_util.PlatformDevice.GCE_CPU, failure_handling_util.PlatformDevice.GCE_TPU)
 
         def note(signum, frame):
             self.signalled.set()
-            if callable(handler):
-                handler(signum, frame)
-            else:
+            if not watched:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.raise_signal(signal.SIGTERM)
 

@@ -1,15 +1,26 @@
-"""Shared test set-up: 4 logical CPU devices (towers, replicas and workers without GPUs), shared data,
-and bvlc_alexnet's layout as an ONNX file with its conversion and export (built once a session)."""
+"""Shared test set-up: GPUs hidden and 4 logical CPU devices (towers, replicas and workers without GPUs),
+shared data, and bvlc_alexnet's layout as an ONNX file with its conversion and export (built once a session)."""
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Before TensorFlow is imported: the suite means the same on a GPU host.
+
+import contextlib  # noqa: E402
+import gc
+import io
 import re
+import runpy
 import socket
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from keras_alexnet import checkpoint, preprocess
 
@@ -110,6 +121,41 @@ CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
 def run_cli(*args, timeout=600, **kwargs):
     """`python ARGS` in a subprocess, output captured."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_program(module, *args, cwd=None):
+    """`python -m keras_alexnet.MODULE ARGS` run inside this process, as a subprocess.CompletedProcess
+    (returncode, stdout, stderr): the module runs as __main__ (runpy) and absl parses ARGS, but without
+    a new interpreter and TensorFlow's import (3-4 s each). The flags it defines are removed after.
+
+    For programs that leave no process-wide state: train (which splits the CPU and sets the seed, the
+    dtype policy and signal handlers) runs in a subprocess (run_cli)."""
+    assert module != "train", "train sets process-wide state: run it with run_cli"
+    flag_values, defined = flags.FLAGS, set(flags.FLAGS)
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [f"keras_alexnet/{module}.py", *map(str, args)]
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*found in sys.modules", RuntimeWarning)  # runpy's, of an import.
+            runpy.run_module(f"keras_alexnet.{module}", run_name="__main__", alter_sys=False)
+    except SystemExit as exit_:  # As the interpreter ends: a string is printed, and status 1.
+        returncode = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        if isinstance(exit_.code, str):
+            stderr.write(exit_.code + "\n")
+    except Exception:  # An uncaught error: its traceback, as Python prints it.
+        stderr.write(traceback.format_exc())
+        returncode = 1
+    finally:
+        sys.argv = argv
+        os.chdir(old_cwd)
+        flag_values.unparse_flags()
+        for name in set(flag_values) - defined:
+            delattr(flag_values, name)
+        gc.collect()  # The program's model and pipelines: gone with it, as with a process.
+    return subprocess.CompletedProcess([module, *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def write_bvlc_onnx(path, seed=0, flatten="Reshape", trans_b=1):

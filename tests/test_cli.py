@@ -1,5 +1,7 @@
-"""Every command reports bad input as one line `error: ...` with exit status 1, never a traceback."""
+"""Every command reports bad input as one line `error: ...` with exit status 1, never a traceback; a bug
+keeps its traceback. A command's output is its own lines, without TensorFlow's log."""
 import os
+import re
 import subprocess
 import sys
 
@@ -8,16 +10,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import cli
+import conftest
+from keras_alexnet import checkpoint, cli
+from keras_alexnet.errors import UserError
 
 # Root ignores chmod, so a read-only place is one no user may write: sysfs refuses new entries.
 READ_ONLY = "/sys/keras_alexnet_run"
 needs_sysfs = pytest.mark.skipif(not os.path.ismount("/sys"), reason="no sysfs at /sys for a read-only path")
 
 
-def run_program(module, *args):
+def run_program(module, *args, env=None):
     return subprocess.run([sys.executable, "-m", f"keras_alexnet.{module}", *args], capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=240, env=env)
 
 
 def assert_one_line(result, *words):
@@ -76,7 +80,7 @@ def test_a_file_where_a_folder_belongs(module, a_file, tmp_path):
 
 def test_errors_are_one_line_and_interrupts_exit_130(capsys):
     def main_raising(error):
-        @cli.reports_errors()
+        @cli.reports_errors
         def main(argv):
             raise error
         with pytest.raises(SystemExit) as exit_:
@@ -87,6 +91,61 @@ def test_errors_are_one_line_and_interrupts_exit_130(capsys):
     assert main_raising(op_error) == "error: runs/x is not a directory"
     assert main_raising(FileNotFoundError(2, "No such file or directory", "x.npz")) == \
         "error: [Errno 2] No such file or directory: 'x.npz'"
+    assert main_raising(UserError("--x must be positive")) == "error: --x must be positive"
+    assert main_raising(tf.errors.NotFoundError(None, None, "x.npz; No such file or directory")) == \
+        "error: x.npz; No such file or directory"
+    assert main_raising(tf.errors.InvalidArgumentError(None, None, "Graph execution error:\n\nDetected at node a\n"
+                                                       "assertion failed: [not a JPEG image]\n\t [[{{node a}}]]")) == \
+        "error: not a JPEG image"  # Our own tf.debugging.Assert, e.g. preprocess.decode's.
+    assert main_raising(tf.errors.ResourceExhaustedError(None, None, "x; No space left on device")) == \
+        "error: x; No space left on device"
     assert main_raising(KeyboardInterrupt()) == 130 and capsys.readouterr().err == "interrupted\n"
-    with pytest.raises(ZeroDivisionError):  # A bug keeps its traceback.
-        main_raising(ZeroDivisionError())
+    for bug in [ZeroDivisionError(), ValueError("boom"), tf.errors.InvalidArgumentError(None, None, "Incompatible "
+                "shapes: [2] vs. [3]"), tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")]:
+        with pytest.raises(type(bug)):  # A bug keeps its traceback.
+            main_raising(bug)
+
+
+def test_programs_let_gpu_memory_grow(monkeypatch):
+    """Set before a program's first op (and its strategy): a process takes GPU memory as it needs it."""
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    assert cli.reports_errors(lambda: os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"))() == "true"
+
+
+@pytest.mark.parametrize("error", [ValueError, UserError])
+def test_a_bug_inside_a_program_keeps_its_traceback(error, monkeypatch, tmp_path):
+    """A ValueError from deep inside (TensorFlow, Keras, numpy or ours) is no bad input; a UserError is."""
+    def read_run_files(model_dir):
+        raise error("boom")
+
+    monkeypatch.setattr(checkpoint, "read_run_files", read_run_files)  # What evaluate's weights.restore_model calls.
+    result = conftest.run_program("evaluate", f"--model_dir={tmp_path}")
+    assert result.returncode == 1
+    if error is UserError:
+        assert "Traceback" not in result.stderr and result.stderr.splitlines() == ["error: boom"], result.stderr
+    else:
+        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == "ValueError: boom", result.stderr
+
+
+# TensorFlow's C++ log (I0000 ..., E0000 ... failed call to cuInit), absl's (I1201 12:00:00.0 ...), its Python
+# loggers' and deprecation warnings.
+FOREIGN = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|I0000|W0000|E0000|INFO:tensorflow|WARNING:tensorflow|deprecat",
+                     re.IGNORECASE | re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_programs_print_only_their_own_lines(tmp_path):
+    """A one-step train and an export of it, as a user runs them; KERAS_ALEXNET_VERBOSE=1 brings TensorFlow's
+    lines back (on any machine the SavedModel's "INFO:tensorflow:Assets written to ...")."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_ALEXNET_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
+    run, export_dir = tmp_path / "run", tmp_path / "export"
+    train = run_program("train", "--dataset=synthetic", "--batch_size=2", "--steps_per_epoch=1", "--eval_steps=1",
+                        "--epochs=1", f"--width={conftest.NARROW['width']}", f"--model_dir={run}", env=env)
+    export = [f"--model_dir={run}", f"--export_dir={export_dir}"]
+    quiet, verbose = run_program("export", *export, env=env), run_program(
+        "export", *export, env={**env, "KERAS_ALEXNET_VERBOSE": "1"})
+    for result in (train, quiet, verbose):
+        assert result.returncode == 0, result.stderr[-3000:]
+    for result in (train, quiet):
+        assert not FOREIGN.search(result.stdout + result.stderr), result.stdout + result.stderr
+    assert FOREIGN.search(verbose.stderr), verbose.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SYNSET_WORDS, caffe_input, shared_data, write_bvlc_onnx
+from conftest import SYNSET_WORDS, caffe_input, run_program, shared_data, write_bvlc_onnx
 from keras_alexnet import checkpoint, convert, preprocess, weights
 from keras_alexnet.model import build_alexnet, feature_model
 
@@ -145,8 +145,7 @@ def test_bad_input_fails_in_one_line(case, bvlc_onnx, tmp_path):
     (tmp_path / "notes.onnx").write_text("not a protobuf at all")
     (tmp_path / "labels.txt").write_text("cat\ndog\n")
     args = {"bad mean": ["--mean=104,117"], "labels count": [f"--labels={tmp_path / 'labels.txt'}"]}.get(case, [])
-    result = subprocess.run([sys.executable, "-m", "keras_alexnet.convert", f"--onnx={onnx_file}",
-                             f"--model_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, timeout=300)
+    result = run_program("convert", f"--onnx={onnx_file}", f"--model_dir={tmp_path / 'run'}", *args)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -191,14 +190,12 @@ def test_evaluate_a_converted_run_on_an_imagenet_layout(bvlc_run, reference, pho
         (tmp_path / "data" / "val" / wnid).mkdir(parents=True)
     for photo, label in zip(photos, labels):
         (tmp_path / "data" / "val" / wnids[label] / Path(photo).name).write_bytes(Path(photo).read_bytes())
-    result = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={bvlc_run}",
-                             f"--dataset={tmp_path / 'data'}", "--batch_size=4", "--noten_crop",
-                             f"--output={tmp_path / 'eval.json'}"], capture_output=True, text=True, timeout=300)
+    result = run_program("evaluate", f"--model_dir={bvlc_run}", f"--dataset={tmp_path / 'data'}", "--batch_size=4",
+                         "--noten_crop", f"--output={tmp_path / 'eval.json'}")
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads((tmp_path / "eval.json").read_text())["results"]["centre crop"]
     assert got["images"] == 3
     assert got["top1_error"] == pytest.approx(2 / 3) and got["top5_error"] == pytest.approx(1 / 3)
-    missing = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={bvlc_run}"],
-                             capture_output=True, text=True, timeout=300)
+    missing = run_program("evaluate", f"--model_dir={bvlc_run}")
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == \
         f"error: {bvlc_run} names no dataset: give --dataset"

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import shared_data
+from conftest import run_program, shared_data
 from keras_alexnet import data, preprocess, sources, stats as stats_cli, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -438,8 +438,7 @@ def test_stats_match_numpy(image_folder):
 
 
 def test_stats_cli(tmp_path, image_folder):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "keras_alexnet.stats", *args], cwd=REPO,
-                                       capture_output=True, text=True, timeout=120)
+    run = lambda *args: run_program("stats", *args, cwd=REPO)
     done = run(f"--dataset={image_folder[0]}", f"--output={tmp_path / 'out.npz'}", "--max_images=6")
     assert done.returncode == 0, done.stderr[-2000:]
     stats = preprocess.Stats.load(str(tmp_path / "out.npz"))
@@ -515,6 +514,7 @@ print("filled")
 """
 
 
+@pytest.mark.slow
 def test_a_cache_file_killed_while_filling_is_filled_anew(tmp_path):
     """kill -9 during the fill leaves .cache.tmp; the next start fills it anew (tf.data's cache file
     refused to: 'cache lockfile already exists'), and its records are the split's images."""

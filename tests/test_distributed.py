@@ -1,4 +1,5 @@
-"""Data parallelism is the same computation: device plans, workers, loops of steps and preemption.
+"""Data parallelism is the same computation: device plans, workers, loops of steps and preemption; each
+tower's weights on its device; GPU plans of faked device lists, and the GPU settings a run makes.
 
 Every run here is batch 8, dropout 0, seed 1, --deterministic; most are 2 epochs of 3 steps. The
 device plans ((a) 1 replica x 2 towers, (b) 2 replicas x 2 towers, (c) 2 replicas x 1 tower,
@@ -8,6 +9,7 @@ every layer at 1/16 of the paper's units): the distribution is the point, not th
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,13 +20,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.distribute.failure_handling import failure_handling_util  # To force the platform.
+from tensorflow.python.framework import config as tf_config  # disable_op_determinism: no public API.
 
 from conftest import NARROW
 from keras_alexnet import checkpoint, distribute, trainer
 from keras_alexnet.config import Config
-from keras_alexnet.model import build_alexnet, feature_model
-from keras_alexnet.optimizer import LossScaleOptimizer
-from keras_alexnet.step import make_train_step
+from keras_alexnet.errors import UserError
+from keras_alexnet.model import build_alexnet, feature_model, tower_variables
+from keras_alexnet.optimizer import LossScaleOptimizer, PaperSGD
+from keras_alexnet.step import make_replica_step, make_train_loop, make_train_step
 
 # Learning rate 0.0001: ReLUs amplify rounding. A gradient summed in another order differs by ~1e-7,
 # so do the next weights, and where that moves a pre-activation across 0 one unit's gradient passes
@@ -109,11 +114,12 @@ def test_two_replicas_compute_what_one_does(plan_a, tmp_path, logical_cpus, towe
 
 
 def model_and_sgd(strategy, plan, config, num_classes=10, init="paper", seed=3, loss_scale=False, width=1.0):
-    """AlexNet without dropout and SGD with momentum, built in `strategy`'s scope as the trainer
-    builds them (loss_scale: wrapped in our LossScaleOptimizer, as for mixed_float16)."""
-    with strategy.scope():
+    """AlexNet without dropout and PaperSGD, built in `strategy`'s scope as the trainer builds them
+    (loss_scale: wrapped in our LossScaleOptimizer, as for mixed_float16)."""
+    with tower_variables(), strategy.scope():
         model = build_alexnet(num_classes, tower_devices=plan, dropout_rate=0.0, init=init, seed=seed, width=width)
-        optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
+        optimizer = PaperSGD(config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
+                             decay_biases=config.decay_biases)
         if loss_scale:
             optimizer = LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
@@ -142,6 +148,114 @@ def test_one_step_of_two_replicas_is_one_replicas_step(logical_cpus):
     for plan in "bc":
         errors = [np.abs(steps[f"{plan}{i}"] - steps[f"a{i}"]).max() / np.abs(steps[f"a{i}"]).max() for i in range(30)]
         assert max(errors) <= 1e-5, (plan, errors)
+
+
+def index(device):
+    return tf.DeviceSpec.from_string(device).device_index
+
+
+def placed_strategy(plan_name, logical_cpus):
+    """(strategy, plan) of plan (a), (b), (c), or one worker of (d) in this process: MultiWorkerMirroredStrategy
+    without TF_CONFIG, as a worker of (d) runs it (one replica on CPU:0, towers on CPU:0 and CPU:1)."""
+    if plan_name == "d":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        return strategy, {strategy.extended.worker_devices[0]: logical_cpus[:2]}
+    devices, towers = {"a": (logical_cpus[:2], 2), "b": (logical_cpus, 2), "c": (logical_cpus[:2], 1)}[plan_name]
+    return new_strategy(towers, devices)
+
+
+def bytes_per_device(variables):
+    """{device index: bytes} of every replica's copy of `variables`."""
+    sizes = {}
+    for variable in variables:
+        for copy in variable.value.values:
+            sizes[index(copy.device)] = sizes.get(index(copy.device), 0) + copy.numpy().nbytes
+    return sizes
+
+
+@pytest.mark.parametrize("plan_name", "abcd")
+def test_each_towers_weights_and_momentum_live_on_its_device(logical_cpus, plan_name):
+    """Section 3.2: each device holds its tower's half of the kernels. Every replica's copy of a *_b weight
+    and of its momentum slot is on that replica's tower B device; *_a and fc8 on tower A's."""
+    strategy, plan = placed_strategy(plan_name, logical_cpus)
+    model, optimizer = model_and_sgd(strategy, plan, Config(**RUN), width=RUN["width"])
+    pairs = {index(replica): pair for replica, pair in plan.items()}
+    assert len(model.trainable_variables) == len(optimizer.momentums) == 30
+    for variable, slot in zip(model.trainable_variables, optimizer.momentums):
+        tower = 1 if variable.path.split("/")[0].endswith("_b") else 0
+        want = [index(pairs[index(replica)][tower]) for replica in strategy.extended.worker_devices]
+        for copies in variable.value.values, slot.value.values:
+            assert [index(copy.device) for copy in copies] == want, (variable.path, plan_name)
+    towers_b = {index(b) for _, b in plan.values()} - {index(a) for a, _ in plan.values()}
+    assert len(towers_b) == (0 if plan_name == "c" else len(plan))  # Devices of tower B alone, but in (c).
+
+
+def test_the_papers_net_splits_its_bytes_between_the_towers_devices(logical_cpus):
+    """Plan (a) with the paper's net: tower B's device holds its 28,434,112 weights and their momentum
+    (227,472,896 bytes in float32), tower A's the other 28,434,112 and fc8's 4,097,000 (260,248,896 bytes)."""
+    strategy, plan = placed_strategy("a", logical_cpus)
+    model, optimizer = model_and_sgd(strategy, plan, Config(**RUN), num_classes=1000)
+    assert model.count_params() == 60_965_224
+    tower_a, tower_b = (index(device) for device in plan[next(iter(plan))])
+    assert bytes_per_device(model.trainable_variables + optimizer.momentums) == \
+        {tower_a: 2 * 4 * (28_434_112 + 4_097_000), tower_b: 2 * 4 * 28_434_112}
+
+
+XLA = {**RUN, "deterministic": False, "jit_compile": True}  # XLA has no deterministic max-pooling gradient.
+
+
+def test_xla_is_refused_for_two_towers_on_two_devices(tmp_path, logical_cpus):
+    """XLA ignores tf.device (tensorflow/tensorflow#124880): in plan (a) it would run both towers on one
+    device, so the trainer refuses it before writing anything."""
+    config = Config(**XLA, model_dir=str(tmp_path / "run"))
+    trainer.set_up_process(config)
+    with pytest.raises(UserError, match=r"^--jit_compile with two towers on two devices: .*--towers_per_replica=1"):
+        trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_xla_runs_replicas_of_one_device(logical_cpus):
+    """Plan (c): a replica is one device, and its XLA step compiles and runs (op determinism off for it)."""
+    config = Config(**XLA)
+    strategy, plan = new_strategy(1, logical_cpus[:2])
+    model, optimizer = model_and_sgd(strategy, plan, config, width=RUN["width"])
+    batches = tf.data.Dataset.from_tensor_slices((tf.random.stateless_normal([8, 227, 227, 3], [0, 8], stddev=50),
+                                                  tf.range(8))).batch(8)
+    determinism = tf_config.is_op_determinism_enabled()  # On after any run here: process-wide.
+    tf_config.disable_op_determinism()
+    try:
+        totals = make_train_step(strategy, model, optimizer, config)(
+            *next(iter(strategy.experimental_distribute_dataset(batches))))
+    finally:
+        if determinism:
+            tf.config.experimental.enable_op_determinism()
+    assert float(totals[3]) == 8 and np.isfinite(float(totals[0]))  # 8 images, a finite loss.
+
+
+def test_a_loop_sums_its_totals_over_the_replicas_once(logical_cpus, monkeypatch):
+    """Each replica keeps its totals across the loop's steps; the one reduction (across workers, a collective
+    between hosts) is traced outside the loop's body, not in every step."""
+    config = Config(**RUN)
+    strategy, plan = new_strategy(2, logical_cpus)  # (b): 2 replicas.
+    model, optimizer = model_and_sgd(strategy, plan, config, width=RUN["width"])
+    graphs, reduce = [], strategy.reduce
+
+    def traced_reduce(*args, **kwargs):
+        graph, names = tf.compat.v1.get_default_graph(), []
+        while graph is not None:
+            names.append(getattr(graph, "name", "the outermost graph"))
+            graph = getattr(graph, "outer_graph", None)
+        graphs.append(names)
+        return reduce(*args, **kwargs)
+
+    monkeypatch.setattr(strategy, "reduce", traced_reduce)
+    loop = make_train_loop(strategy, make_replica_step(model, optimizer, config), tf.Variable(0, dtype=tf.int64))
+    batches = tf.data.Dataset.from_tensor_slices((tf.random.stateless_normal([8, 227, 227, 3], [0, 9], stddev=50),
+                                                  tf.range(8))).batch(8).repeat()
+    totals = loop(iter(strategy.experimental_distribute_dataset(batches)), tf.constant(3))
+    assert len(graphs) == 1 and not any("while" in name for name in graphs[0]), graphs
+    assert float(totals[3]) == 3 * 8  # Every image of the 3 steps, counted once.
 
 
 # ----------------------------------------------------------------------------------------- workers
@@ -217,11 +331,119 @@ def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_por
     assert_same_computation(final_checkpoint(tmp_path), final_checkpoint(plan_d[1]))
 
 
+def test_sigterm_on_a_gcp_gpu_vm_saves_and_stops(tmp_path, logical_cpus, monkeypatch, capsys):
+    """TensorFlow's handler, finding a GCP GPU VM, polls the maintenance events and leaves SIGTERM alone (the
+    signal would end the run unsaved): it polls our SIGTERM flag instead, with no grace period."""
+    monkeypatch.setattr(failure_handling_util, "detect_platform", lambda: failure_handling_util.PlatformDevice.GCE_GPU)
+    config = Config(**RUN, model_dir=str(tmp_path), steps_per_loop=1)
+    trainer.set_up_process(config)
+    run = trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
+    assert run.preemption._platform_device is failure_handling_util.PlatformDevice.GCE_GPU
+    signal.raise_signal(signal.SIGTERM)
+    time.sleep(1.5)  # The handler polls the flag each second.
+    with pytest.raises(SystemExit) as stopped:
+        run.fit()
+    step = int(re.search(r"SIGTERM: stopped at step (\d+);", capsys.readouterr().out).group(1))
+    assert stopped.value.code == 0 and step < 6  # The handler saves a loop after it learns of the signal.
+    assert tf.train.latest_checkpoint(tmp_path / checkpoint.CHECKPOINTS).endswith(f"-{step}")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The run's handler is gone with it.
+
+
+# ----------------------------------------------------------------------------------------- GPU plans
+
+def gpus(count):
+    return [f"/device:GPU:{i}" for i in range(count)]
+
+
+@pytest.mark.parametrize("multi_worker", [False, True], ids=["one_worker", "a_worker_of_several"])
+@pytest.mark.parametrize("count, towers, want", [
+    (1, 2, {0: (0, 0)}), (1, 1, {0: (0, 0)}),
+    (2, 2, {0: (0, 1)}), (2, 1, {0: (0, 0), 1: (1, 1)}),
+    (3, 1, {0: (0, 0), 1: (1, 1), 2: (2, 2)}),
+    (4, 2, {0: (0, 2), 1: (1, 3)}), (4, 1, {i: (i, i) for i in range(4)}),
+    (8, 2, {i: (i, 4 + i) for i in range(4)}), (8, 1, {i: (i, i) for i in range(8)})])
+def test_gpu_plans_of_a_worker(count, towers, want, multi_worker):
+    """k GPUs: k/2 replicas of two towers (tower B on GPU k/2 + i: MultiWorkerMirroredStrategy's replicas
+    are a worker's first GPUs), or k replicas with --towers_per_replica=1; every GPU used once."""
+    plan = distribute.device_plan(gpus(count), towers, multi_worker)
+    assert {index(r): tuple(map(index, pair)) for r, pair in plan.items()} == want
+
+
+def test_plans_no_strategy_can_give_are_refused(logical_cpus):
+    with pytest.raises(UserError, match=r"^--towers_per_replica=2 pairs the 3 devices, and /device:GPU:2 would be "
+                                        r"left unused: use CUDA_VISIBLE_DEVICES with an even number of GPUs"):
+        distribute.device_plan(gpus(3), 2)
+    for devices, towers in (logical_cpus, 2), (logical_cpus[:2], 1):  # A CPU worker of several: one replica.
+        with pytest.raises(UserError, match="^under TF_CONFIG a worker without GPUs runs one replica, not 2"):
+            distribute.device_plan(devices, towers, multi_worker=True)
+    assert distribute.device_plan(logical_cpus[:2], 2, multi_worker=True) == {logical_cpus[0]: logical_cpus[:2]}
+
+
+FAKED_GPUS = """
+import json, sys
+import tensorflow as tf
+from keras_alexnet import distribute
+count, towers = int(sys.argv[1]), int(sys.argv[2])
+cpus = tf.config.list_physical_devices
+tf.config.list_physical_devices = lambda kind=None: [  # What a worker with `count` GPUs finds.
+    tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(count)] if kind == "GPU" else cpus(kind)
+strategy, plan = distribute.make_strategy(towers)
+print(json.dumps({"plan": distribute.describe(plan), "replicas": strategy.num_replicas_in_sync,
+                  "implementation": strategy.extended._communication_options.implementation.name}))
+"""
+
+
+@pytest.mark.parametrize("count, towers", [(2, 2), (4, 2), (8, 1)])
+def test_two_workers_on_faked_gpus_run_every_replica_over_nccl(count, towers, free_port, tmp_path):
+    """Two worker processes under TF_CONFIG, each told it has `count` GPUs: each worker's plan (the line the
+    trainer logs) names each of its replicas, the strategy runs that many, and the all-reduce asks for NCCL."""
+    ports = [free_port(), free_port()]
+    workers = [subprocess.Popen([sys.executable, "-c", FAKED_GPUS, str(count), str(towers)], text=True,
+                                stdout=subprocess.PIPE, stderr=open(tmp_path / f"{index}.err", "w"), env={
+        **os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                               "task": {"type": "worker", "index": index}})}) for index in range(2)]
+    replicas = count // towers
+    for task, worker in enumerate(workers):
+        out, _ = worker.communicate(timeout=120)
+        assert worker.returncode == 0, (tmp_path / f"{task}.err").read_text()[-3000:]
+        got = json.loads(out.splitlines()[-1])
+        assert got["plan"] == "; ".join(
+            f"replica {i} on /job:worker/replica:0/task:{task}/device:GPU:{i} -> towers on /device:GPU:{i}, "
+            f"/device:GPU:{i + replicas if towers == 2 else i}" for i in range(replicas))
+        assert (got["replicas"], got["implementation"]) == (2 * replicas, "NCCL")
+
+
+def test_the_suite_sees_no_gpu():
+    """conftest hides the GPUs before TensorFlow is imported (and from every process a test starts)."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not tf.config.list_physical_devices("GPU")
+
+
+@pytest.mark.parametrize("capability, warned", [((7, 5), True), ((8, 0), False)])
+def test_bfloat16_on_a_gpu_before_ampere_warns(policy, monkeypatch, capsys, capability, warned):
+    cpus = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [
+        tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")] if kind == "GPU" else cpus(kind))
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda gpu: {"compute_capability": capability})
+    trainer.set_up_process(Config(mixed_precision="mixed_bfloat16"))
+    out = capsys.readouterr().out
+    assert ("warning: --mixed_precision=mixed_bfloat16 on /physical_device:GPU:0, of compute capability 7.5: "
+            "bfloat16 needs 8.0 or newer" in out) == warned, out
+
+
+def test_deterministic_runs_turn_tf32_off():
+    """TF32 matmuls (on by default on Ampere and later) would break the plans' 1e-5 bounds there."""
+    try:
+        trainer.set_up_process(Config(deterministic=True))
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(True)
+
+
 # ----------------------------------------------------------------------------------------- dropout
 
 def fc6_masks(strategy, plan, images):
     """Each replica's fc6 dropout mask (tower A) for the same images."""
-    with strategy.scope():
+    with tower_variables(), strategy.scope():
         model = build_alexnet(10, tower_devices=plan, dropout_rate=0.5, seed=7, **NARROW)
     fc6 = feature_model(model, "dropout6_a")
 

@@ -1,14 +1,12 @@
 """keras_alexnet.evaluate: centre-crop and 10-crop errors of a run, checked against numpy."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import NARROW, reference_errors, write_run
+from conftest import NARROW, reference_errors, run_program, write_run
 from keras_alexnet import metrics, preprocess
 from keras_alexnet.model import build_alexnet
 
@@ -46,8 +44,7 @@ def expected_errors(model, val_folder, ten_crop):
 
 
 def run_evaluate(*args):
-    return subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", *args, "--batch_size=5"],
-                          capture_output=True, text=True, timeout=300)
+    return run_program("evaluate", *args, "--batch_size=5")
 
 
 def assert_report(report, stdout, model, val_folder, images):
@@ -109,8 +106,7 @@ def test_evaluate_a_dataset_of_other_classes_is_one_line(run_dir):
 
 
 def test_evaluate_cli_bad_run_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "keras_alexnet.evaluate", f"--model_dir={tmp_path}"],
-                            capture_output=True, text=True, timeout=120)
+    result = run_program("evaluate", f"--model_dir={tmp_path}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a training run: it has no config.json"
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 
-from conftest import NARROW, write_run
-from keras_alexnet import checkpoint, data, export, make_npy, preprocess, sources
-from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model
+from conftest import NARROW, run_cli, run_program, write_run
+from keras_alexnet import checkpoint, data, distribute, export, make_npy, preprocess, sources
+from keras_alexnet.model import INPUT_SHAPE, build_alexnet, feature_model, tower_variables
 
 SAVED_MODEL_CLI = str(Path(sys.executable).with_name("saved_model_cli"))
 CLASSES = [f"class {i}" for i in range(10)]
@@ -28,10 +29,6 @@ STEP = 7
 
 def relative_difference(actual, expected):
     return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
-
-
-def run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +60,7 @@ def exported(run_dir, tmp_path_factory):
     """The one export of the session, through the command line."""
     model_dir, _ = run_dir
     export_dir = tmp_path_factory.mktemp("export") / "alexnet"
-    result = run_cli("-m", "keras_alexnet.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    result = run_program("export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {export_dir / str(STEP)}" in result.stdout
     return export_dir / str(STEP)
@@ -283,9 +280,27 @@ def test_export_function_writes_and_replaces_a_version(narrow_run_dir, stats, tm
     assert sorted(os.listdir(tmp_path)) == ["3"] and not (tmp_path / "3" / "stale").exists()
 
 
+def test_an_export_of_a_model_trained_on_two_towers_pins_no_device(stats, logical_cpus, tmp_path):
+    """The trainer's model (plan (a): tower B on CPU:1) exports functions that name no device, which strict
+    loaders refuse and which would split a server's every request across two GPUs; and it computes the model."""
+    strategy, plan = distribute.make_strategy(2, logical_cpus[:2])
+    with tower_variables(), strategy.scope():
+        model = build_alexnet(**MODEL, tower_devices=plan, **NARROW)
+    path = export.export_saved_model(model, CLASSES, stats, str(tmp_path), STEP)
+    saved = saved_model_pb2.SavedModel.FromString((Path(path) / "saved_model.pb").read_bytes())
+    functions = [f for f in saved.meta_graphs[0].graph_def.library.function  # TensorFlow's own checkpoint
+                 if not re.search("_traced_(save|restore)_", f.signature.name)]   # I/O runs on a CPU: not ours.
+    pins = [(f.signature.name, n.name, n.device) for f in functions for n in f.node_def if "/device:" in n.device]
+    assert len(functions) > 10 and not pins, pins[:5]
+    images = np.random.default_rng(2).uniform(0, 255, (2, *INPUT_SHAPE)).astype("float32")
+    got = tf.saved_model.load(path).signatures["serving_default"](images=images)["probabilities"].numpy()
+    want = model(images - mean_crop(stats), training=False).numpy()
+    assert relative_difference(got, want) < 1e-6
+
+
 def test_make_npy_command_line(image_files, tmp_path):
     out = tmp_path / "jpegs.npy"
-    result = run_cli("-m", "keras_alexnet.make_npy", "--bytes", f"--out={out}", *image_files)
+    result = run_program("make_npy", "--bytes", f"--out={out}", *image_files)
     assert result.returncode == 0, result.stderr[-3000:]
     encoded = np.load(out, allow_pickle=True)
     assert encoded.dtype == object and list(encoded) == [Path(f).read_bytes() for f in image_files]
@@ -305,7 +320,7 @@ def test_bad_command_line_input_fails_in_one_line(case, tmp_path, stats):
         (tmp_path / "notes.jpg").write_text("not an image")
         image = tmp_path / ("missing.jpg" if case == "missing image" else "notes.jpg")
         args = ["--bytes", f"--out={tmp_path / 'x.npy'}", str(image)]
-    result = run_cli("-m", "keras_alexnet.make_npy" if "image" in case else "keras_alexnet.export", *args)
+    result = run_program("make_npy" if "image" in case else "export", *args)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -398,7 +413,7 @@ def test_export_command_sets_the_size_limit_and_says_what_it_replaced(narrow_run
     model_dir, _ = narrow_run_dir
     (tmp_path / str(STEP)).mkdir()
     (tmp_path / str(STEP) / "stale").write_text("an older export")
-    result = run_cli("-m", "keras_alexnet.export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}",
+    result = run_program("export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}",
                      "--max_megapixels=0.05")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == f"replaced version {STEP}"

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import keras_alexnet
 from conftest import NARROW
-from keras_alexnet.model import build_alexnet, feature_model
+from keras_alexnet.model import build_alexnet, feature_model, tower_variables
 
 SHAPES = {  # Per tower, the paper's layer sizes (section 3.5 and Figure 2).
     "conv1": (55, 55, 48), "lrn1": (55, 55, 48), "pool1": (27, 27, 48), "conv2": (27, 27, 128),
@@ -123,7 +123,7 @@ def test_towers_run_on_their_own_devices(logical_cpus):
 def test_a_plan_places_each_replicas_towers(logical_cpus):
     cpu0, cpu1, cpu2, cpu3 = logical_cpus
     strategy = tf.distribute.MirroredStrategy([cpu0, cpu1])
-    with strategy.scope():
+    with tower_variables(), strategy.scope():
         model = build_alexnet(10, tower_devices={cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}, seed=0, **NARROW)
 
     @tf.function
@@ -137,6 +137,16 @@ def test_a_plan_places_each_replicas_towers(logical_cpus):
         replica = 1 if name.startswith("replica_1/") else 0
         assert device == expected[replica, tower.group(2) if tower else "a"], name
     assert {d for d in devices.values()} == {0, 1, 2, 3}
+
+
+def test_a_plan_in_a_strategy_without_tower_variables_is_refused(logical_cpus):
+    """Else the strategy would put both towers' weights on the replica's device (tower_variables' docstring)."""
+    cpu0, cpu1 = logical_cpus[:2]
+    strategy = tf.distribute.MirroredStrategy([cpu0])
+    with strategy.scope(), pytest.raises(ValueError, match=r"inside keras_alexnet.model.tower_variables\(\)"):
+        build_alexnet(10, tower_devices={cpu0: [cpu0, cpu1]}, **NARROW)
+    with strategy.scope(), tower_variables(), pytest.raises(ValueError, match="before strategy.scope()"):
+        build_alexnet(10, tower_devices={cpu0: [cpu0, cpu1]}, **NARROW)
 
 
 def test_ablation_knobs():

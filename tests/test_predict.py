@@ -2,23 +2,20 @@
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import NARROW
+from conftest import NARROW, run_program
 from keras_alexnet import checkpoint, predict, preprocess
 from keras_alexnet.export import export_saved_model
 from keras_alexnet.model import build_alexnet
 
 
 def run_predict(*args):
-    return subprocess.run([sys.executable, "-m", "keras_alexnet.predict", *args], capture_output=True, text=True,
-                          timeout=300)
+    return run_program("predict", *args)
 
 
 def expected_top(saved_model, files, k):
