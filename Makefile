@@ -18,9 +18,10 @@ $(STAMP): setup.py
 train: install
 	$(PY) -m keras_alexnet.train --preset=demo
 
-# TEST_WORKERS processes (pytest-xdist; each takes up to 6 GB); passed tests' directories are removed.
+# TEST_WORKERS processes (pytest-xdist; a module to one, so its fixtures are built once; each takes up
+# to 6 GB); passed tests' directories are removed.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) --dist worksteal
+PYTEST := $(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) --dist loadscope
 
 test: install
 	$(PYTEST)

@@ -28,7 +28,9 @@ def _stderr_dropped():
 # A program: while `python -m keras_alexnet.X` imports this package, sys.argv[0] is "-m" (runpy sets the path
 # after). KERAS_ALEXNET_VERBOSE, where set, decides instead (0: quiet); it hands a program's choice on to its
 # child processes (ablate's variants).
-QUIET = os.environ.get("KERAS_ALEXNET_VERBOSE", "0" if sys.argv[0] == "-m" else "1") == "0"
+_PROGRAM = sys.argv[:1] == ["-m"] and "-m" in sys.orig_argv[:-1] and \
+    sys.orig_argv[sys.orig_argv.index("-m") + 1].startswith("keras_alexnet.")  # Not another package's -m.
+QUIET = os.environ.get("KERAS_ALEXNET_VERBOSE", "0" if _PROGRAM else "1") == "0"
 if QUIET:
     os.environ["KERAS_ALEXNET_VERBOSE"] = "0"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # 3: not even ERROR ("failed call to cuInit").

@@ -47,6 +47,8 @@ def run(output="filters.png", model_dir=None, saved_model=None, columns=16, scal
         raise UserError("give exactly one of --model_dir and --saved_model")
     if columns < 1 or scale < 1:
         raise UserError("--columns and --scale must be positive")
+    if not output.lower().endswith(".png"):
+        raise UserError(f"--output {output} must be a .png file")
     towers = kernels_from_saved_model(saved_model) if saved_model else conv1_kernels(
         weights.restore_model(model_dir, step)[0])
     Image.fromarray(figures.kernel_grid(towers, columns, scale)).save(output)

@@ -15,7 +15,6 @@ from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 
 
-
 def make_npy(paths, out, encoded=False):
     """Writes saved_model_cli's input for `paths`: centre crops [N, 227, 227, 3] or the encoded files."""
     if not paths:

@@ -151,6 +151,9 @@ class OnTower(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.tower = int(tower)
         self.tower_devices = tower_devices
+        # XLA ignores tf.device (tensorflow/tensorflow#124880): Keras's fit(jit_compile="auto") must not
+        # merge placed towers onto one device.
+        self.supports_jit = not tower_devices
 
     def _scope(self):
         """The tower's device scope; none for an unplaced tower: `tf.device(None)` would clear the scope of

@@ -170,8 +170,12 @@ def _check_output(output, facts):
             raise UserError(f"--output {output} holds files but no {sources.PREPARE_FACTS}: name a new or empty "
                             "folder")
         return
-    with tf.io.gfile.GFile(path) as f:
-        stored = json.load(f)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            stored = json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is damaged: line {error.lineno}, column {error.colno}: {error.msg} (delete "
+                        f"{output} to prepare it anew)") from None
     for key in facts:
         if stored.get(key) != facts[key]:
             raise UserError(f"{output} was prepared with {key} {_shown(stored.get(key))}, not {_shown(facts[key])}: "

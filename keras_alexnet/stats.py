@@ -61,7 +61,7 @@ def define_flags():
     flags.DEFINE_string("split", "train", "Split to measure (the paper uses the training set).")
     flags.DEFINE_string("output", "stats.npz", "Where to write the statistics.")
     flags.DEFINE_integer("max_images", None, "Use only the first N images of the split.")
-    flags.DEFINE_integer("batch_size", 32, "Images per accumulation step.")
+    flags.DEFINE_integer("batch_size", 32, "Images per accumulation step.", lower_bound=1)
 
 
 @cli.reports_errors

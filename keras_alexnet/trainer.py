@@ -6,7 +6,7 @@ devices (data.py), the loss is averaged over the global batch, and replica gradi
 --steps_per_loop steps run inside one tf.function; between loops the host updates the progress,
 writes summaries and checkpoints, and TensorFlow's PreemptionCheckpointHandler turns SIGTERM (and
 Ctrl-C) into one checkpoint that every worker saves at the same step, then exit status 0. The handler
-watches our own SIGTERM flag on every platform (`_watch_for_sigterm`).
+polls our own SIGTERM flag each second, also on GCP's GPU VMs (`_watch_for_sigterm` says where not).
 """
 import dataclasses
 import json
@@ -140,6 +140,8 @@ class Trainer:
         """Lets another process write the run directory; SIGTERM and Ctrl-C act as before the run."""
         if self.lock:
             self.lock.release()
+        if getattr(self, "preemption", None):  # Its thread polling `signalled` would keep the run alive.
+            self.preemption._stop_poll_termination_signal_thread()
         if getattr(self, "_sigterm_before", None) is not None:
             signal.signal(signal.SIGTERM, self._sigterm_before)
             self._sigterm_before = None

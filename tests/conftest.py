@@ -3,6 +3,7 @@ shared data, and bvlc_alexnet's layout as an ONNX file with its conversion and e
 import os
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Before TensorFlow is imported: the suite means the same on a GPU host.
+os.environ.pop("KERAS_ALEXNET_VERBOSE", None)  # A developer's quiet switch would quiet pytest's process too.
 
 import contextlib  # noqa: E402
 import gc
@@ -20,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
+from absl import app, flags
 
 from keras_alexnet import checkpoint, preprocess
 
@@ -131,6 +132,7 @@ def run_program(module, *args, cwd=None):
     For programs that leave no process-wide state: train (which splits the CPU and sets the seed, the
     dtype policy and signal handlers) runs in a subprocess (run_cli)."""
     assert module != "train", "train sets process-wide state: run it with run_cli"
+    app.define_help_flags()  # As app.run defines them: kept, not removed as the program's flags are.
     flag_values, defined = flags.FLAGS, set(flags.FLAGS)
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
     argv, old_cwd = sys.argv, os.getcwd()

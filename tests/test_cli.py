@@ -19,7 +19,8 @@ READ_ONLY = "/sys/keras_alexnet_run"
 needs_sysfs = pytest.mark.skipif(not os.path.ismount("/sys"), reason="no sysfs at /sys for a read-only path")
 
 
-def run_program(module, *args, env=None):
+def spawn_program(module, *args, env=None):
+    """`python -m keras_alexnet.MODULE ARGS` in a new process: train, and what is printed at import."""
     return subprocess.run([sys.executable, "-m", f"keras_alexnet.{module}", *args], capture_output=True,
                           text=True, timeout=240, env=env)
 
@@ -43,19 +44,19 @@ def a_file(tmp_path):
 @pytest.mark.parametrize("case", ["a file", "below a file", pytest.param("read-only", marks=needs_sysfs)])
 def test_train_model_dir_that_cannot_be_written(case, a_file):
     model_dir = {"a file": a_file, "below a file": f"{a_file}/run", "read-only": READ_ONLY}[case]
-    result = run_program("train", "--dataset=synthetic", "--batch_size=4", "--steps_per_epoch=1",
+    result = spawn_program("train", "--dataset=synthetic", "--batch_size=4", "--steps_per_epoch=1",
                          "--eval_steps=1", "--epochs=1", f"--model_dir={model_dir}")
     assert_one_line(result, {"a file": f"{a_file} is not a directory", "below a file": f"{a_file} is not a directory",
                              "read-only": READ_ONLY}[case])
 
 
 def test_train_stats_that_is_a_text_file(a_file):
-    result = run_program("train", "--dataset=synthetic", f"--stats={a_file}", f"--model_dir={a_file}.run")
+    result = spawn_program("train", "--dataset=synthetic", f"--stats={a_file}", f"--model_dir={a_file}.run")
     assert_one_line(result, f"statistics file {a_file} is not an .npz of python -m keras_alexnet.stats")
 
 
 def test_an_odd_number_of_devices_for_two_towers_names_the_unused_one(tmp_path):
-    result = run_program("train", "--dataset=synthetic", "--cpu_devices=3", "--towers_per_replica=2",
+    result = spawn_program("train", "--dataset=synthetic", "--cpu_devices=3", "--towers_per_replica=2",
                          f"--model_dir={tmp_path}")
     assert_one_line(result, "/device:CPU:2 would be left unused")
     assert not list(tmp_path.iterdir())  # Refused before anything was written.
@@ -65,7 +66,7 @@ def test_an_odd_number_of_devices_for_two_towers_names_the_unused_one(tmp_path):
 def test_stats_output_on_a_read_only_path(tmp_path):
     (tmp_path / "data" / "only").mkdir(parents=True)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "only" / "a.png")
-    result = run_program("stats", f"--dataset={tmp_path / 'data'}", f"--output={READ_ONLY}.npz")
+    result = conftest.run_program("stats", f"--dataset={tmp_path / 'data'}", f"--output={READ_ONLY}.npz")
     assert_one_line(result, READ_ONLY)
 
 
@@ -75,7 +76,7 @@ def test_a_file_where_a_folder_belongs(module, a_file, tmp_path):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
     args = {"embed": [f"--saved_model={a_file}", f"--images={tmp_path / 'images'}", f"--logdir={tmp_path / 'logs'}"],
             "filters": [f"--model_dir={a_file}", f"--output={tmp_path / 'f.png'}"]}[module]
-    assert_one_line(run_program(module, *args), a_file)
+    assert_one_line(conftest.run_program(module, *args), a_file)
 
 
 def test_errors_are_one_line_and_interrupts_exit_130(capsys):
@@ -139,10 +140,10 @@ def test_programs_print_only_their_own_lines(tmp_path):
     lines back (on any machine the SavedModel's "INFO:tensorflow:Assets written to ...")."""
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_ALEXNET_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
     run, export_dir = tmp_path / "run", tmp_path / "export"
-    train = run_program("train", "--dataset=synthetic", "--batch_size=2", "--steps_per_epoch=1", "--eval_steps=1",
+    train = spawn_program("train", "--dataset=synthetic", "--batch_size=2", "--steps_per_epoch=1", "--eval_steps=1",
                         "--epochs=1", f"--width={conftest.NARROW['width']}", f"--model_dir={run}", env=env)
     export = [f"--model_dir={run}", f"--export_dir={export_dir}"]
-    quiet, verbose = run_program("export", *export, env=env), run_program(
+    quiet, verbose = spawn_program("export", *export, env=env), spawn_program(
         "export", *export, env={**env, "KERAS_ALEXNET_VERBOSE": "1"})
     for result in (train, quiet, verbose):
         assert result.returncode == 0, result.stderr[-3000:]
