@@ -154,6 +154,12 @@ def restore_intact(directory, restore, step=None):
             return path, damaged
         except (tf.errors.OpError, IndexError) as error:  # Reading a cut file raises IndexError.
             damaged.append((path, one_line(error)))
+        except ValueError as error:  # TensorFlow's, for a variable of another shape.
+            if "incompatible tensor" not in str(error):
+                raise
+            raise UserError(f"{path} holds the weights of another network than {os.path.dirname(directory.rstrip('/'))}"
+                            f"/{CONFIG} describes ({one_line(error)}): a config.json edited or copied from "
+                            "another run?") from None
     if damaged:
         raise UserError(f"every checkpoint in {directory} is damaged: " + "; ".join(
             f"{os.path.basename(path)} ({why})" for path, why in damaged))

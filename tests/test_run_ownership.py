@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
-from conftest import run_cli, run_program
+from conftest import run_cli, run_program, write_run
 from keras_alexnet import checkpoint, convert, preprocess
+from keras_alexnet.model import build_alexnet
 
 TRAIN = [sys.executable, "-m", "keras_alexnet.train", "--dataset=synthetic", "--width=0.0625", "--batch_size=8",
          "--steps_per_epoch=300", "--epochs=1", "--eval_steps=1", "--steps_per_loop=1"]
@@ -263,3 +264,18 @@ def test_a_directory_written_whole_also_when_named_with_a_slash(tmp_path):
         os.makedirs(staging)
         Path(staging, "new.txt").write_text("new")
     assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["new.txt"]
+
+
+def test_checkpoints_of_another_network_than_config_json_describes_are_one_line(tmp_path):
+    """A config.json edited to another width (or copied from another run): one line naming both shapes."""
+    run = write_run(tmp_path / "run", build_alexnet(num_classes=3, width=1 / 16), {"num_classes": 3, "width": 1 / 16},
+                    ["a", "b", "c"])
+    config = json.loads((run / checkpoint.CONFIG).read_text())
+    config["model"]["width"] = 1 / 8
+    (run / checkpoint.CONFIG).write_text(json.dumps(config))
+    result = run_program("evaluate", f"--model_dir={run}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {run}/checkpoints/ckpt-1 holds the weights of another network than {run}/config.json describes "
+        "(Received incompatible tensor with shape (11, 11, 3, 3) when attempting to restore variable with shape "
+        "(11, 11, 3, 6) and name conv1_a/conv1_a/kernel:0.): a config.json edited or copied from another run?")
