@@ -5,10 +5,11 @@ ratios, not absolute figures across runs or machines. Every timed function is bu
 before it is timed (tracing, XLA compilation and kernel caches stay out of the figures). Each bench_*
 function appends rows {what, ours, reference, ratio, unit}.
 
-    python benchmarks/bench.py [--data DIR] [--only lrn,training,pipeline,loop,export]
+    python benchmarks/bench.py [--data DIR] [--only lrn,training,pipeline,service,loop,export]
 
 --data (default $ALEXNET_DATA, else ../shared/data beside the repository) holds
-imagenette2_224_subset; the rows that need it are skipped, one printed line each, where it is absent.
+imagenette2_224_subset and skimage_photos; the rows that need them are skipped, one printed line each,
+where they are absent.
 """
 import argparse
 import datetime
@@ -23,11 +24,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import data, distribute, export, lrn, preprocess, sources
+from keras_alexnet import data, data_service, distribute, export, lrn, preprocess, sources
+from keras_alexnet.benchmark import images_per_second, new_strategy, train_step
 from keras_alexnet.config import Config
-from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet, tower_variables
-from keras_alexnet.optimizer import PaperSGD
-from keras_alexnet.step import make_replica_step, make_train_loop, make_train_step
+from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
+from keras_alexnet.step import make_train_loop
 from keras_alexnet.trainer import Trainer, set_up_process
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -35,18 +36,10 @@ IMAGENETTE = "imagenette2_224_subset"
 GFLOP_PER_IMAGE = 4.35  # Forward and backward pass of one training image.
 
 
-def _images_per_second(call, batch_size, seconds=1.5, min_calls=2):
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < seconds:
-        call()
-        calls += 1
-    return batch_size * calls / (time.perf_counter() - start)
-
-
 def _row(what, ours, reference, batch_size, rounds=3):
     """Best-of-`rounds` images/s of two calls measured in turn, so that a busy machine hurts both alike."""
     ours(), reference(), ours(), reference()  # Warm-up: tracing, compilation, kernel caches.
-    rates = [(_images_per_second(ours, batch_size), _images_per_second(reference, batch_size))
+    rates = [(images_per_second(ours, batch_size), images_per_second(reference, batch_size))
              for _ in range(rounds)]
     ours, reference = max(r[0] for r in rates), max(r[1] for r in rates)
     return {"what": what, "ours": round(ours, 1), "reference": round(reference, 1),
@@ -140,31 +133,10 @@ def _tape_step(model, jit):
     return lambda images, labels: step(images, labels).numpy()
 
 
-def _new_strategy(devices):
-    # Strategies of one process must not share collective group keys (as TensorFlow's own tests).
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
-    return tf.distribute.MirroredStrategy(devices)
-
-
-def _our_step(plan, batch_size, num_classes=1000, jit=False, builtin_lrn=False):
-    """Our training step (make_train_step) on the replicas of `plan` ({replica: [tower A, tower B]}),
-    optionally with the LRN layers swapped for the tf.nn op: a call (images, labels) -> loss, with
-    its tf.function as `.step`, its replica step (for make_train_loop) as `.replica_step` and its strategy
-    as `.strategy`."""
-    strategy = _new_strategy(list(plan))
-    with tower_variables(), strategy.scope():
-        model = build_alexnet(num_classes, tower_devices=plan, seed=0)
-        if builtin_lrn:
-            model = _with_builtin_lrn(model)
-        optimizer = PaperSGD(0.01)  # The trainer's: momentum 0.9, weight decay 0.0005.
-        optimizer.build(model.trainable_variables)
-    config = Config(batch_size=batch_size, jit_compile=jit)
-    step = make_train_step(strategy, model, optimizer, config)
-
-    def call(images, labels):
-        return step(images, labels)[0].numpy()
-    call.step, call.strategy, call.replica_step = step, strategy, make_replica_step(model, optimizer, config)
-    return call
+def _our_step(plan, batch_size, num_classes=1000, builtin_lrn=False):
+    """Our training step (benchmark.train_step) on `plan`, optionally with the LRN layers swapped for the tf.nn op."""
+    return train_step(plan, Config(batch_size=batch_size), num_classes,
+                      rebuild=_with_builtin_lrn if builtin_lrn else None)
 
 
 def _matmul_ceiling():
@@ -172,7 +144,7 @@ def _matmul_ceiling():
     a = tf.random.normal([4096, 4096])
     matmul = tf.function(lambda: tf.matmul(a, a))
     matmul().numpy()  # Traces.
-    rate = max(_images_per_second(lambda: matmul().numpy(), 1, seconds=3) for _ in range(2))
+    rate = max(images_per_second(lambda: matmul().numpy(), 1, seconds=3) for _ in range(2))
     return rate * 2 * 4096 ** 3 / 1e9
 
 
@@ -235,7 +207,7 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
     bare(*batch)  # Traces.
 
     def bare_speed():
-        return _images_per_second(lambda: bare(*batch), batch_size, seconds=8)
+        return images_per_second(lambda: bare(*batch), batch_size, seconds=8)
 
     before = bare_speed()
     for loop in (1, 10):
@@ -243,7 +215,7 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
             config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
                             eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
             set_up_process(config)
-            trainer = Trainer(config, _new_strategy(list(plan)), plan)
+            trainer = Trainer(config, new_strategy(list(plan)), plan)
             trainer.fit()
             speed = trainer.progress.speed  # The epoch's img/s, as history.jsonl records it.
         after = bare_speed()
@@ -270,13 +242,103 @@ def _in_fixed_order(source):
     return source._replace(lookup=None, shuffled=lambda seed: source.records)
 
 
+PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")  # In skimage_photos: 451 x 300 to 640 x 427.
+
+
+def _jpeg_folders(data_dir, root, count=48):
+    """Class folders of JPEGs (quality 95) under root/originals, ImageNet's size: crops of 90-100% of each
+    side of the shared photos, every other one mirrored; and under root/prepared, each of them as
+    `python -m keras_alexnet.prepare` stores it (256 x 256, no chroma subsampling). None if absent."""
+    from PIL import Image
+    photos = [Path(data_dir) / "skimage_photos" / name for name in PHOTOS]
+    if not all(photo.exists() for photo in photos):
+        print(f"skipped the per-stage pipeline rows: {photos[0].parent} not found (--data or $ALEXNET_DATA)")
+        return None
+    photos, rng = [Image.open(photo).convert("RGB") for photo in photos], np.random.default_rng(0)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        (width, height), (kept_w, kept_h) = photo.size, rng.uniform(0.9, 1, 2)
+        x, y = rng.integers(0, [width * (1 - kept_w) + 1, height * (1 - kept_h) + 1])
+        image = photo.crop((x, y, x + int(width * kept_w), y + int(height * kept_h)))
+        original, prepared = (Path(root) / kind / f"c{i % 2}" / f"{i}.jpg" for kind in ("originals", "prepared"))
+        for path in (original, prepared):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        (image.transpose(Image.FLIP_LEFT_RIGHT) if i % 2 else image).save(original, quality=95)
+        resized = preprocess.decode_and_resize(original.read_bytes())
+        prepared.write_bytes(tf.io.encode_jpeg(resized, quality=95, chroma_downsampling=False).numpy())
+    return {kind: Path(root) / kind for kind in ("originals", "prepared")}
+
+
+def _one_core():
+    """tf.data options that run a pipeline on one thread (its own pool of 1, no intra-op threads)."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def _per_core(dataset):
+    """A call -> images per CPU second of one pass of `dataset` (of images, or of batches) on one thread:
+    what a core does, whatever else the machine runs. Built (traced) once."""
+    dataset = dataset.with_options(_one_core())
+    batched = tf.nest.flatten(dataset.element_spec)[0].shape.rank == 4
+    size = (lambda x: tf.shape(x, tf.int64)[0]) if batched else (lambda x: tf.constant(1, tf.int64))
+    count = tf.function(lambda: dataset.reduce(tf.constant(0, tf.int64),
+                                               lambda n, x: n + size(tf.nest.flatten(x)[0])))
+
+    def call():
+        start = time.process_time()
+        images = int(count())
+        return images / (time.process_time() - start)
+    return call
+
+
+def _pipeline_stages(rows, data_dir, images=960, rounds=3):
+    """Images per core of each stage of the training input (issue 24's table), beside decoding alone:
+    on originals of ImageNet's size (from the shared photos) and on the same photos prepared at 256 x 256.
+
+    Stages, each `images` images (the files repeated): tf.io.decode_jpeg alone (the reference: the
+    libjpeg-turbo limit), preprocess.decode_and_resize (header checks, Exif, section 2's rescale and crop),
+    the whole data.train_pipeline of a folder (reading, decoding, section 4.1's augmentation, batches of
+    32). Measured on one thread in alternating rounds, best of `rounds`; ratio = stage / decode alone.
+    """
+    with tempfile.TemporaryDirectory() as root:
+        folders = _jpeg_folders(data_dir, root)
+        if folders is None:
+            return
+        stats = preprocess.Stats.imagenet()
+        for kind, folder in folders.items():
+            source = sources.load_source(str(folder), "train", val_fraction=0.0)
+            files = tf.constant([path.read_bytes() for path in sorted(folder.glob("*/*.jpg"))])
+            encoded = tf.data.Dataset.from_tensor_slices(files).repeat(images // len(files))
+            repeated = sources.random_access(images, lambda i: source.lookup(i % source.num_examples),
+                                             source.load, source.class_names)
+            stages = {"tf.io.decode_jpeg alone": encoded.map(lambda data: tf.io.decode_jpeg(data, channels=3)),
+                      "preprocess.decode_and_resize": encoded.map(preprocess.decode_and_resize),
+                      "data.train_pipeline": data.train_pipeline(repeated, 32, stats)}
+            calls = {what: _per_core(dataset) for what, dataset in stages.items()}
+            for call in calls.values():
+                call()  # Traces, warms up.
+            best = {what: max(rates) for what, rates in zip(calls, zip(*[
+                [call() for call in calls.values()] for _ in range(rounds)]))}
+            reference = best["tf.io.decode_jpeg alone"]
+            for what, rate in best.items():
+                rows.append({"what": f"{what} per core, {kind} ({len(files)} JPEGs q95"
+                                     f"{', 256 x 256' if kind == 'prepared' else ', 405 x 270 to 640 x 427'}) "
+                                     "vs tf.io.decode_jpeg alone", "ours": round(rate, 1),
+                             "reference": round(reference, 1), "ratio": round(rate / reference, 2),
+                             "unit": "img/s/core"})
+
+
 def bench_input_pipeline(rows, data_dir):
     """Training-pipeline throughput (section 4.1 augmentation, batch 50) on 1,000 Imagenette JPEGs.
 
     One pass decoding every JPEG: ours (each epoch a permutation of the split) against the same
     pipeline reading the split in a fixed order through a 2,048-image shuffle buffer, as before. Then the order alone at ImageNet's size: a 1,000,000-record index source, the time from
-    the iterator's creation to the first batch of 128, at epoch 0 and resumed at step 5,000.
+    the iterator's creation to the first batch of 128, at epoch 0 and resumed at step 5,000. First, the
+    rows per stage and per core (`_pipeline_stages`).
     """
+    _pipeline_stages(rows, data_dir)
     folder = _imagenette(data_dir, "train", "input pipeline rows")
     if folder is not None:
         count, batch_size = 1000, 50
@@ -311,6 +373,39 @@ def bench_input_pipeline(rows, data_dir):
         rows.append({"what": f"1,000,000-record index source: iterator to first batch of 128, step {first_step}: "
                              "a permutation vs a buffer over a fixed order", "ours": round(ours, 3),
                      "reference": round(reference, 3), "ratio": round(ours / reference, 3), "unit": "s"})
+
+
+def bench_data_service(rows, data_dir, count=640, batch_size=64):
+    """The whole training pipeline on this host's cores, through TensorFlow's tf.data service (a
+    dispatcher and 2 workers in this process, on 127.0.0.1) against the local pipeline, alternating: the
+    ratio is the service's overhead (serialising float32 crops over gRPC on the same cores)."""
+    folder = _imagenette(data_dir, "train", "tf.data service row")
+    if folder is None:
+        return
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
+    workers = [service.WorkerServer(service.WorkerConfig(dispatcher.target.removeprefix("grpc://")))
+               for _ in range(2)]
+    source = sources.head(sources.load_source(str(folder), "train", val_fraction=0.0), count)
+    stats, steps = preprocess.Stats.imagenet(), count // batch_size
+
+    def one_pass(on_service=None):
+        batches = data.train_pipeline(source, batch_size, stats, steps=steps, service=on_service)
+        start = time.perf_counter()
+        for _ in batches:
+            pass
+        return count / (time.perf_counter() - start)
+
+    served = data_service.on_service(dispatcher.target)
+    one_pass(), one_pass(served)  # Warm-up: traces, the file cache.
+    rates = [(one_pass(served), one_pass()) for _ in range(2)]
+    ours, reference = max(r[0] for r in rates), max(r[1] for r in rates)
+    rows.append({"what": f"train_pipeline on {len(os.sched_getaffinity(0))} cores ({count} Imagenette JPEGs, "
+                         "batch 64): through tf.data service, 2 workers on this host, vs local",
+                 "ours": round(ours, 1), "reference": round(reference, 1), "ratio": round(ours / reference, 2),
+                 "unit": "img/s"})
+    for server in workers + [dispatcher]:
+        server.stop()
 
 
 def bench_export(rows, data_dir):
@@ -354,7 +449,7 @@ def bench_export(rows, data_dir):
 # ----------------------------------------------------------------------------------------- the table
 
 BENCHES = {"lrn": bench_lrn, "training": bench_training, "pipeline": bench_input_pipeline,
-           "loop": bench_loop, "export": bench_export}
+           "service": bench_data_service, "loop": bench_loop, "export": bench_export}
 
 
 def cpu_model():

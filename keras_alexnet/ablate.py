@@ -1,10 +1,19 @@
-"""python -m keras_alexnet.ablate: the paper's design choices re-run in small, each against one baseline.
+"""python -m keras_alexnet.ablate: the paper's AlexNet comparisons re-run, each variant against one baseline.
 
-Every variant trains from the same seed with the same data and flags as the baseline, changing one thing:
-LRN (section 3.3), overlapping pooling (3.4), dropout (4.2), PCA lighting (4.1), two towers (3.2); the
-baseline's final model is also tested with the 10-crop test (4.1). Writes OUTPUT_DIR/ablation.md (one
-table) and OUTPUT_DIR/curves.png (validation top-1 error per epoch).
+Every variant (VARIANTS: the paper's claim, its section and figure) trains with the same data, seeds and
+flags as the baseline, changing one thing; the baseline's final model is also tested with the 10-crop test
+(4.1). Each variant trains once per seed (--seeds) in OUTPUT_DIR/<variant>/seed<seed>/: a run that has its
+--epochs is not trained again, an unfinished one resumes from its checkpoint, so a killed ablate resumes.
+
+A row's errors are the final epoch's, mean ± standard error over the seeds. Its difference from the baseline
+is taken seed by seed (a seed draws the same images, batches and augmentation for every variant): d ± SE,
+SE = sd of the differences / sqrt(seeds). The verdict tests the paper's direction, not its size (the
+paper's figure stands beside it): d beyond 2 SE in the paper's direction confirms, beyond 2 SE against it
+contradicts, else (or with one seed) cannot resolve; a row the paper makes no claim for says so. Writes
+OUTPUT_DIR/ablation.md (the table) and OUTPUT_DIR/curves.png (training loss and validation top-1 error per
+epoch, one line a seed).
 """
+import collections
 import dataclasses
 import datetime
 import json
@@ -12,31 +21,63 @@ import math
 import multiprocessing
 import os
 
+import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import checkpoint, cli, config, data, distribute, metrics, preprocess, sources, weights
 from keras_alexnet.epoch_rules import TrainingStuck
 from keras_alexnet.errors import UserError
-from keras_alexnet.files import atomic_write
+from keras_alexnet.figure1 import mean_sd
+from keras_alexnet.files import write_file, write_png
+from keras_alexnet.model import ONE_GPU
 from keras_alexnet.trainer import Trainer, set_up_process
 
-VARIANTS = {  # name: (what it tests, Config changes, build_alexnet changes)
-    "baseline": ("the paper's network", {}, {}),
-    "no_lrn": ("without LRN (3.3)", {}, {"lrn": False}),
-    "pool_2x2": ("non-overlapping 2x2/2 pooling (3.4)", {}, {"pool_size": 2, "pool_stride": 2}),
-    "no_dropout": ("without dropout (4.2)", {"dropout_rate": 0.0}, {}),
-    "no_pca": ("without PCA lighting (4.1)", {"pca_lighting": False}, {}),
-    "one_tower": ("one tower of the same width (3.2)", {}, {"towers": 1}),
+# claim: what the row tests (paper section); paper: the paper's figure, as a variant's top-1 error minus the
+# baseline's on ILSVRC; direction: that difference's sign in the paper (None: no claim); config, model:
+# the Config and build_alexnet changes.
+Variant = collections.namedtuple("Variant", "claim paper direction config model")
+VARIANTS = {
+    "baseline": Variant("the paper's network (3.5, Figure 2)", "40.7% top-1, 18.2% top-5 (ILSVRC-2012 val, Table 2)",
+                        None, {}, {}),
+    "no_lrn": Variant("LRN lowers the error (3.3)", "+1.4% top-1, +1.2% top-5", 1, {}, {"lrn": False}),
+    "pool_2x2": Variant("overlapping 3x3/2 pooling beats 2x2/2 (3.4)", "+0.4% top-1, +0.3% top-5", 1, {},
+                        {"pool_size": 2, "pool_stride": 2}),
+    "no_dropout": Variant("without dropout the net overfits substantially (4.2)", "higher (no figure)", 1,
+                          {"dropout_rate": 0.0}, {}),
+    "no_pca": Variant("PCA lighting lowers the top-1 error (4.1)", "over +1% top-1", 1, {"pca_lighting": False},
+                      {}),
+    "one_gpu": Variant("two GPUs beat one with half the kernels in conv1-4 (3.2, footnote 2)",
+                       "+1.7% top-1, +1.2% top-5", 1, {}, {"towers": 1, "halved": ONE_GPU}),
+    "one_tower": Variant("one tower of the same total width, every layer fully connected (not in the paper; "
+                         "3.2's comparison is one_gpu)", "none", None, {}, {"towers": 1}),
+    "no_conv3": Variant("removing a middle conv layer costs about 2% top-1 (6)", "about +2% top-1", 1, {},
+                        {"without": ["conv3"]}),
+    "no_conv4": Variant("removing a middle conv layer costs about 2% top-1 (6)", "about +2% top-1", 1, {},
+                        {"without": ["conv4"]}),
 }
+TEN_CROP = Variant("the 10-crop test (4.1): the baseline's final model", "none (the paper's test)", None, {}, {})
 
 FLAGS = flags.FLAGS
 
 
-def variant_config(base, name, output_dir):
-    _, changes, model_changes = VARIANTS[name]
-    return dataclasses.replace(base, **changes, model={**base.model, **model_changes},
-                               model_dir=os.path.join(output_dir, name), export_dir=None)
+def variant_config(base, name, output_dir, seed):
+    variant = VARIANTS[name]
+    return dataclasses.replace(base, **variant.config, seed=seed, model={**base.model, **variant.model},
+                               model_dir=os.path.join(output_dir, name, f"seed{seed}"), export_dir=None)
+
+
+def seed_list(values, first):
+    """--seeds: one number N is N seeds from --seed on; two or more numbers are the seeds themselves."""
+    try:
+        seeds = [int(value) for value in values]
+    except ValueError:
+        raise UserError(f"--seeds must be a number of seeds or a list of seeds, not {','.join(values)}") from None
+    if len(seeds) == 1:
+        seeds = list(range(first, first + seeds[0]))
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds must give at least one seed, each once, not {','.join(values)}")
+    return seeds
 
 
 def read_history(model_dir):
@@ -44,12 +85,12 @@ def read_history(model_dir):
         return [json.loads(line) for line in f]
 
 
-def ten_crop_error(model_dir, base):
-    """Top-1 and top-5 error of a finished run's model with the paper's 10-crop test."""
-    model, run, _ = weights.restore_model(model_dir)
-    source = sources.load_source(base.dataset, "validation", base.data_dir, seed=base.seed)
-    dataset = data.eval_pipeline(source, base.batch_size, preprocess.Stats.load(run.stats_path), ten_crop=True,
-                                 steps=base.eval_steps)
+def ten_crop_error(config):
+    """Top-1 and top-5 error of a finished run's model with the paper's 10-crop test, on its validation images."""
+    model, run, _ = weights.restore_model(config.model_dir)
+    source = sources.load_source(config.dataset, "validation", config.data_dir, seed=config.seed)
+    dataset = data.eval_pipeline(source, config.batch_size, preprocess.Stats.load(run.stats_path), ten_crop=True,
+                                 steps=config.eval_steps)
     return metrics.evaluate(metrics.make_eval_step(tf.distribute.get_strategy(), model), dataset)
 
 
@@ -58,29 +99,59 @@ def standard_error(error, n):
     return math.sqrt(max(error * (1 - error), 1e-12) / max(n, 1))
 
 
-def table(results, ten_crop, n):
-    """The markdown table: final (and best) validation errors, train-val gap and speed per variant."""
-    base = results["baseline"][-1]["validation"]["top1_error"] if "baseline" in results else None
-    se = standard_error(base if base is not None else 0.5, n)
-    lines = [f"Ablation of {n} validation images, {datetime.date.today().isoformat()}; the standard error of a "
-             f"top-1 error near the baseline's is {se:.1%}, so differences under {2 * se:.1%} (2 SE) are noise.",
-             "", "| variant | what | val top-1 err | val top-5 err | best val top-1 err (epoch) | train-val gap | img/s "
-                 "| vs baseline |", "|---|---|---|---|---|---|---|---|"]
-    for name, history in results.items():
-        last = history[-1]
-        top1 = last["validation"]["top1_error"]
-        gap = top1 - last["train"]["top1_error"]
-        verdict = "" if base is None or name == "baseline" else (
-            f"{top1 - base:+.1%}" + (" (within noise)" if abs(top1 - base) < 2 * se else ""))
-        best = min(history, key=lambda h: h["validation"]["top1_error"])
-        lines.append(f"| {name} | {VARIANTS[name][0]} | {top1:.1%} | {last['validation']['top5_error']:.1%} | "
-                     f"{best['validation']['top1_error']:.1%} ({best['epoch']}) | {gap:+.1%} | "
-                     f"{last['images_per_second']:.1f} | {verdict} |")
+def mean_se(values):
+    """Mean and standard error over seeds (nan for one seed)."""
+    mean, sd = mean_sd(values)
+    return mean, sd / math.sqrt(len(values))
+
+
+def spread(values, sign=""):
+    """'mean ± SE' over seeds, 'mean' for one seed."""
+    mean, se = mean_se(values)
+    return f"{mean:{sign}.1%}" + ("" if math.isnan(se) else f" ± {se:.1%}")
+
+
+def verdict(differences, direction):
+    """The module docstring's rule on the seed-by-seed differences from the baseline, in the paper's direction."""
+    if direction is None:
+        return "no claim"
+    mean, se = mean_se(differences)
+    if math.isnan(se):
+        return "cannot resolve (one seed)"
+    if abs(mean) <= 2 * se:
+        return "cannot resolve"
+    return "confirms" if mean * direction > 0 else "contradicts"
+
+
+def row(name, variant, top1, top5, gap, speed, base):
+    """One line of the table; `base` is the baseline's top-1 errors seed by seed, or None."""
+    cells = [name, variant.claim, variant.paper, spread(top1), spread(top5), gap, speed, "", ""]
+    if base is not None and name != "baseline":
+        differences = [error - b for error, b in zip(top1, base)]
+        cells[-2:] = [spread(differences, "+"), verdict(differences, variant.direction)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(results, ten_crop, n, seeds):
+    """The markdown table: per row its claim and the paper's figure, errors over the seeds, and the verdict."""
+    top1 = {name: [h[-1]["validation"]["top1_error"] for h in histories] for name, histories in results.items()}
+    base = top1.get("baseline")
+    se = standard_error(np.mean(base) if base else 0.5, n)
+    lines = [f"Ablation on {n} validation images, seeds {', '.join(map(str, seeds))}, "
+             f"{datetime.date.today().isoformat()}: final-epoch errors, mean ± standard error over seeds; vs "
+             "baseline: the seed-by-seed difference ± its standard error; verdict: beyond 2 standard errors in the "
+             f"paper's direction or against it (ablate's docstring). One error rate on {n} images alone has a binomial "
+             f"standard error of {se:.1%} near the baseline's.", "",
+             "| variant | paper claim (section) | paper | val top-1 err | val top-5 err | train-val gap | img/s "
+             "| vs baseline | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, histories in results.items():
+        last = [h[-1] for h in histories]
+        lines.append(row(name, VARIANTS[name], top1[name], [h["validation"]["top5_error"] for h in last],
+                         spread([h["validation"]["top1_error"] - h["train"]["top1_error"] for h in last], "+"),
+                         f"{np.mean([h['images_per_second'] for h in last]):.1f}", base))
     if ten_crop is not None:
-        delta = ten_crop["top1_error"] - base
-        lines.append(f"| baseline, 10-crop test | 10-crop test (4.1) | {ten_crop['top1_error']:.1%} | "
-                     f"{ten_crop['top5_error']:.1%} | | | | {delta:+.1%}"
-                     f"{' (within noise)' if abs(delta) < 2 * se else ''} |")
+        lines.append(row("baseline, 10-crop test", TEN_CROP, [t["top1_error"] for t in ten_crop],
+                         [t["top5_error"] for t in ten_crop], "", "", base))
     return "\n".join(lines) + "\n"
 
 
@@ -90,18 +161,20 @@ def plot(results, path):
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(1, 2, figsize=(11, 4))
-    for name, history in results.items():
-        epochs = [h["epoch"] for h in history]
-        axes[0].plot(epochs, [h["train"]["loss"] for h in history], label=name)
-        axes[1].plot(epochs, [h["validation"]["top1_error"] for h in history], label=name)
+    for i, (name, histories) in enumerate(results.items()):
+        for k, history in enumerate(histories):  # One colour a variant, one line a seed.
+            epochs = [h["epoch"] for h in history]
+            label = name if k == 0 else None
+            axes[0].plot(epochs, [h["train"]["loss"] for h in history], color=f"C{i}", label=label)
+            axes[1].plot(epochs, [h["validation"]["top1_error"] for h in history], color=f"C{i}", label=label)
     for ax, title in zip(axes, ["training loss", "validation top-1 error"]):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend()
     figure.tight_layout()
-    with atomic_write(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
+    write_png(figure, path)
+    pyplot.close(figure)
 
 
 @cli.reports_errors
@@ -116,27 +189,29 @@ def train_variant(config):
         print(f"{config.model_dir}: {error}")
 
 
-def run_ablation(base, names, output_dir):
-    results = {}
+def run_ablation(base, names, output_dir, seeds):
+    """Trains each variant for each seed (those not finished), then writes the table and the curves."""
+    results = {name: [] for name in names}
     processes = multiprocessing.get_context("spawn")
-    for name in names:
-        print(f"\n=== {name}: {VARIANTS[name][0]}", flush=True)
-        config = variant_config(base, name, output_dir)
+    runs = [(seed, name) for seed in seeds for name in names]  # Seed by seed: a stopped ablate has whole seeds.
+    for i, (seed, name) in enumerate(runs, 1):
+        print(f"\n=== {name}, seed {seed} ({i}/{len(runs)}): {VARIANTS[name].claim}", flush=True)
+        config = variant_config(base, name, output_dir, seed)
         if not (tf.io.gfile.exists(os.path.join(config.model_dir, checkpoint.HISTORY))
                 and len(read_history(config.model_dir)) >= config.epochs):
             child = processes.Process(target=train_variant, args=(config,))
             child.start()
             child.join()
             if child.exitcode:
-                raise UserError(f"variant {name} failed with exit code {child.exitcode} (its error is above)")
-        results[name] = read_history(config.model_dir)
-    ten_crop = ten_crop_error(variant_config(base, "baseline", output_dir).model_dir, base) \
+                raise UserError(f"variant {name}, seed {seed} failed with exit code {child.exitcode} (its error "
+                                "is above)")
+        results[name].append(read_history(config.model_dir))
+    ten_crop = [ten_crop_error(variant_config(base, "baseline", output_dir, seed)) for seed in seeds] \
         if "baseline" in names else None
-    n = results[names[0]][-1]["validation"]["images"]
+    n = results[names[0]][0][-1]["validation"]["images"]
     tf.io.gfile.makedirs(output_dir)
-    markdown = table(results, ten_crop, n)
-    with atomic_write(os.path.join(output_dir, "ablation.md")) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
-        f.write(markdown)
+    markdown = table(results, ten_crop, n, seeds)
+    write_file(os.path.join(output_dir, "ablation.md"), markdown)
     plot(results, os.path.join(output_dir, "curves.png"))
     print("\n" + markdown)
     return markdown
@@ -146,13 +221,17 @@ def run_ablation(base, names, output_dir):
 def main(argv):
     del argv
     unknown = set(FLAGS.variants) - set(VARIANTS)
-    if unknown:
-        raise UserError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    run_ablation(config.config_from_flags(), FLAGS.variants, FLAGS.output_dir)
+    if unknown or not FLAGS.variants:
+        raise UserError(f"--variants: choose one or more of {', '.join(VARIANTS)}, not "
+                        f"{', '.join(sorted(unknown)) or 'none'}")
+    base = config.config_from_flags()
+    run_ablation(base, FLAGS.variants, FLAGS.output_dir, seed_list(FLAGS.seeds, base.seed))
 
 
 if __name__ == "__main__":
     config.define_flags()
-    flags.DEFINE_string("output_dir", "runs/ablate", "One run directory per variant, the table and the plot.")
+    flags.DEFINE_string("output_dir", "runs/ablate", "A run directory per variant and seed, the table and the plot.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
+    flags.DEFINE_list("seeds", ["3"], "N: N seeds from --seed on; or a list of seeds (two or more). Every variant "
+                      "trains once per seed.")
     app.run(main)

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from keras_alexnet.cli import one_line
 from keras_alexnet.errors import UserError
-from keras_alexnet.files import atomic_write
+from keras_alexnet.files import write_file
 
 CONFIG, LABELS, STATS, CHECKPOINTS = "config.json", "labels.txt", "stats.npz", "checkpoints"
 HISTORY, LOCK = "history.jsonl", ".lock"
@@ -67,8 +67,7 @@ RunFiles = collections.namedtuple("RunFiles", ["config", "class_names", "stats_p
 
 
 def write_labels(path, class_names):
-    with atomic_write(path) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
-        f.write("".join(f"{name}\n" for name in class_names))
+    write_file(path, "".join(f"{name}\n" for name in class_names))
 
 
 def read_labels(path):
@@ -81,7 +80,8 @@ def read_labels(path):
 # update rule, augmentation, network): a resume with another one is refused (README, "Resuming").
 RESUMABLE = ("model_dir", "epochs", "learning_rate", "checkpoint_every", "steps_per_loop", "eval_steps",
              "lr_patience", "max_lr_drops", "stuck_steps", "export_dir", "cache", "data_dir", "cpu_devices",
-             "towers_per_replica", "jit_compile", "deterministic")
+             "towers_per_replica", "jit_compile", "deterministic", "cluster", "cluster_port",
+             "preemption_exit_code", "data_service")
 NAMES = {"steps_per_epoch": "steps per epoch", "input_shape": "input size", "model": "network"}
 
 
@@ -217,8 +217,7 @@ def write_run_files(model_dir, config, class_names, stats):
 
 
 def _write_json(path, value):
-    with atomic_write(path) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
+    write_file(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def read_run_files(model_dir):

@@ -11,6 +11,7 @@ import typing
 import tensorflow as tf
 from absl import flags
 
+from keras_alexnet.data_service import check_address
 from keras_alexnet.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -50,12 +51,17 @@ class Config:
     towers_per_replica: int = option(2, "2: the paper's two towers on two devices per replica; 1: every "
                                      "device is a replica running both towers.")
     cpu_devices: int = option(0, "Split the CPU into this many logical devices (0: leave it).")
+    cluster: str = option("auto", "The workers: auto (TF_CONFIG's when it is set, as Kubeflow's TFJob sets it, "
+                          "else this process alone) or slurm (the tasks of the srun step).", ["auto", "slurm"])
+    cluster_port: int = option(8888, "--cluster=slurm: the port of a node's first task (its k-th takes this + k).")
     mixed_precision: str = option("off", "Keras mixed-precision policy (mixed_float16 adds loss scaling).",
                                   ["off", "mixed_float16", "mixed_bfloat16"])
     jit_compile: bool = option(False, "Compile each replica's forward and backward pass with XLA, on one device: "
                                "with one device a replica (--towers_per_replica=1, or a single device).")
     seed: int = option(0, "Seed of the initial weights, dropout and augmentation.")
     deterministic: bool = option(False, "Deterministic kernels: a resumed run ends as an uninterrupted one.")
+    preemption_exit_code: int = option(0, "Exit status after SIGTERM's checkpoint: e.g. 143 (128 + SIGTERM) for a "
+                                       "launcher that restarts on it, as Kubeflow's restartPolicy ExitCode on 128-255.")
     checkpoint_every: int = option(500, "Save a checkpoint every this many steps (and at each epoch end).")
     steps_per_loop: int = option(10, "Steps run inside one tf.function before the host reads the metrics, "
                                  "updates the progress and checks for SIGTERM (as TF Model Garden's Orbit).")
@@ -68,6 +74,9 @@ class Config:
                                  "folders and synthetic draw each epoch as a permutation of the split.")
     cache: str | None = option(None, "Decode the 256x256 images once: 'memory', or an .npy file path (192 KiB an "
                                "image; a complete file is reused, one left half-filled by a kill is refilled).")
+    data_service: str = option("", "grpc://HOST:PORT of a tf.data service dispatcher (python -m "
+                               "keras_alexnet.data_service): its workers decode and augment the training images, "
+                               "the local run's batches in its order; a folder of images or synthetic only.")
     export_dir: str | None = option(None, "Export a SavedModel to EXPORT_DIR/<step>/ when training ends "
                                 "(python -m keras_alexnet.train).")
     init_from: str | None = option(None, "Start from the weights of this run directory (e.g. a converted "
@@ -85,7 +94,7 @@ class Config:
         if not self.model_dir.strip():
             raise UserError("--model_dir must not be empty: name the run's directory")
         positive = ["batch_size", "epochs", "learning_rate", "checkpoint_every", "shuffle_buffer", "steps_per_loop",
-                    "width"]
+                    "width", "cluster_port"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -95,6 +104,8 @@ class Config:
         for name in ["weight_decay", "warmup_epochs", "lr_patience", "max_lr_drops", "cpu_devices", "stuck_steps"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.preemption_exit_code <= 255:
+            raise UserError(f"--preemption_exit_code must be in [0, 255], got {self.preemption_exit_code}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.dropout_rate < 1:
@@ -104,6 +115,11 @@ class Config:
         if self.deterministic and self.jit_compile:
             raise UserError("--deterministic with --jit_compile: XLA has no deterministic max-pooling gradient "
                             "(tensorflow/tensorflow#69417); drop one of them")
+        if self.data_service:
+            check_address(self.data_service)
+            if self.cache:
+                raise UserError("--cache with --data_service: the service's workers decode the images, not this "
+                                "process; drop one of them")
         if self.stats and not tf.io.gfile.exists(self.stats):
             raise UserError(f"--stats file {self.stats} does not exist")
         return self
@@ -132,14 +148,14 @@ def imagenette():
 PRESETS = {"paper": paper, "demo": demo, "imagenette": imagenette}
 
 
-def define_flags():
-    """One absl flag per Config field, with its default and help, and --preset."""
+def define_flags(names=None):
+    """One absl flag per Config field (or per field of `names`), with its default and help, and --preset."""
     flags.DEFINE_enum("preset", "paper", list(PRESETS), "Start from these settings; flags given override them: "
                       "paper (section 5), demo (make train), imagenette (the shared subset).")
     define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               bool: flags.DEFINE_boolean}
     for field in dataclasses.fields(Config):
-        if "help" not in field.metadata:
+        if "help" not in field.metadata or names and field.name not in names:
             continue
         kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
         if field.metadata["choices"]:

@@ -93,9 +93,9 @@ def _records(source, cache=None):
     return source, indexed_records(source), bool(cache)
 
 
-def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_buffer=2048):
+def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_buffer=2048, step_numbers=None):
     """Global batches of records (index, payload, label) of steps [first_step, steps) of training epoch
-    `epoch`.
+    `epoch`, or of the steps a dataset of `step_numbers` names (a source with random access only).
 
     The split is read in passes, each a fresh permutation seeded by (seed, pass), and every epoch
     of `steps` batches takes the next slice of one: a full epoch is a pass; short epochs
@@ -120,11 +120,12 @@ def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_
     pass_key = tf.constant([seed, pass_number], tf.int64)
     last = tf.constant(source.num_examples - 1, tf.int64)
 
-    def batch(positions):
+    def batch(step):
+        positions = part * per_epoch + step * batch_size + tf.range(batch_size, dtype=tf.int64)
         indices = tf.random.experimental.index_shuffle(positions, pass_key, last)
         return (indices, *source.lookup(indices))
 
-    return tf.data.Dataset.range(start, stop).batch(batch_size).map(batch)
+    return (tf.data.Dataset.range(first_step, steps) if step_numbers is None else step_numbers).map(batch)
 
 
 def _worker_examples(batches, source, loaded, input_context, batch_size):
@@ -167,7 +168,7 @@ def epoch_steps(num_examples, batch_size):
 
 
 def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, steps=None, pca_lighting=True,
-                   cache=None, input_context=None, shuffle_buffer=2048):
+                   cache=None, input_context=None, shuffle_buffer=2048, service=None):
     """Steps [first_step, steps) of one training epoch: float32 [b, 227, 227, 3] minus the mean, int32 [b].
 
     Section 4.1: a random 227x227 crop (all 30x30 offsets equally likely) of the 256x256 image, a
@@ -180,27 +181,42 @@ def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, ste
     input_context: tf.distribute's (distribute_datasets_from_function): this worker's per-replica
         batches, b = batch_size / replicas; otherwise b = batch_size.
     cache: None, "memory" or an .npy file path: decoded 256x256 images are kept after one pass.
+    service: (first, last, make) -> the element `make` gives of each step of [first, last), in order
+        (data_service.on_service: the decode and augmentation on tf.data service workers). The element
+        is this pipeline's share of the step's global batch: batches stay whole.
     """
     steps = epoch_steps(source.num_examples, batch_size) if steps is None else steps
-    mean = tf.constant(stats.mean_image)
+    means = tf.constant(np.stack([stats.mean_image, stats.mean_image[:, ::-1]]))  # As is, and flipped.
     source, _, loaded = _records(source, cache)
-    batches = epoch_records(source, batch_size, steps, seed, epoch, first_step, shuffle_buffer)
 
     def augment(index, image, ok, label):
+        """Crop and flip in uint8, then minus the mean's matching patch and plus the lighting offset: the
+        same float32 sums as of the whole image minus the mean, cropped and flipped (a crop's flip is
+        the flipped image's crop at the mirrored column)."""
         key = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64), index)
         keys = tf.random.experimental.stateless_split(key, 3)
         top, left = tf.unstack(tf.random.stateless_uniform([2], keys[0], 0, IMAGE_SIZE - CROP_SIZE + 1, tf.int32))
-        image = (tf.cast(image, tf.float32) - mean)[top:top + CROP_SIZE, left:left + CROP_SIZE, :]
+        flip = tf.random.stateless_uniform([], keys[2]) < 0.5
+        image = image[top:top + CROP_SIZE, left:left + CROP_SIZE, :]
+        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        left = tf.where(flip, IMAGE_SIZE - CROP_SIZE - left, left)
+        image = tf.cast(image, tf.float32) - means[tf.cast(flip, tf.int32), top:top + CROP_SIZE, left:left + CROP_SIZE]
         if pca_lighting:
             image = preprocess.pca_lighting(image, tf.random.stateless_normal([3], keys[1], stddev=0.1), stats)
-        flip = tf.random.stateless_uniform([], keys[2]) < 0.5
-        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
         return tf.ensure_shape(image, [CROP_SIZE, CROP_SIZE, 3]), tf.where(ok, label, -1)
 
-    examples = _worker_examples(batches, source, loaded, input_context, batch_size)
-    return (examples.map(augment, num_parallel_calls=AUTOTUNE)
-            .batch(_replica_batch_size(input_context, batch_size), drop_remainder=True)
-            .prefetch(AUTOTUNE))
+    def augmented(batches):  # Global batches of records -> this pipeline's share of each, augmented.
+        return _worker_examples(batches, source, loaded, input_context, batch_size).map(augment,
+                                                                                        num_parallel_calls=AUTOTUNE)
+
+    replica_batch = _replica_batch_size(input_context, batch_size)
+    if service is None:
+        batches = epoch_records(source, batch_size, steps, seed, epoch, first_step, shuffle_buffer)
+        return augmented(batches).batch(replica_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    share = batch_size // (input_context.num_input_pipelines if input_context else 1)
+    served = service(first_step, steps, lambda step_numbers: augmented(epoch_records(
+        source, batch_size, steps, seed, epoch, step_numbers=step_numbers)).batch(share))
+    return served.rebatch(replica_batch).prefetch(AUTOTUNE)
 
 
 def eval_steps(num_examples, batch_size):
@@ -216,15 +232,15 @@ def eval_pipeline(source, batch_size, stats, ten_crop=False, input_context=None,
     with label -1, so every replica gets a full batch and every image is counted once; `steps` caps
     the number of global batches. cache: "memory" keeps the decoded images after one pass.
     """
-    mean = tf.constant(stats.mean_image)
     crop = preprocess.ten_crop if ten_crop else center_crop
+    mean = crop(tf.constant(stats.mean_image))  # The views' patches of it: images are cropped in uint8.
     source, records, loaded = _records(source, cache if cache == "memory" else None)
     padding = eval_steps(source.num_examples, batch_size) * batch_size - source.num_examples
     blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), records.element_spec)
     blank = (tf.constant(-1, tf.int64), blank[1], tf.constant(-1, tf.int32))
     batches = records.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding)).batch(batch_size)
     examples = _worker_examples(batches.take(steps or -1), source, loaded, input_context, batch_size)
-    return (examples.map(lambda index, image, ok, label: (crop(tf.cast(image, tf.float32) - mean),
+    return (examples.map(lambda index, image, ok, label: (tf.cast(crop(image), tf.float32) - mean,
                                                           tf.where(ok & (label >= 0), label, -1)),
                          num_parallel_calls=AUTOTUNE)
             .batch(_replica_batch_size(input_context, batch_size))

@@ -5,7 +5,8 @@ device i and tower B on device R + i, the paper's two-GPU split (section 3.2), r
 parallelism. With --towers_per_replica=1 every device is a replica running both towers. One rule
 for one worker and for several: under TF_CONFIG, MultiWorkerMirroredStrategy makes a worker's first
 R GPUs its replicas (it is told R), and tower B of replica i takes GPU R + i. Each tower's weights
-live on its device (model.tower_variables).
+live on its device (model.tower_variables). The workers are TF_CONFIG's (Kubeflow's TFJob sets it), or
+with --cluster=slurm the tasks of the srun step (SlurmClusterResolver).
 
 On GPUs the workers' all-reduce is asked to use NCCL; one worker's MirroredStrategy picks it itself.
 """
@@ -48,27 +49,50 @@ def device_plan(devices, towers_per_replica, multi_worker=False):
                         f"left unused: use {fix}, or --towers_per_replica=1")
     replicas = len(devices) // 2 if two else len(devices)
     if multi_worker and not _on_gpus(devices) and replicas > 1:  # MultiWorkerMirroredStrategy's rule.
-        raise UserError(f"under TF_CONFIG a worker without GPUs runs one replica, not {replicas}: use "
-                        "--cpu_devices=2 for two towers, or 1 with --towers_per_replica=1")
+        raise UserError(f"under TF_CONFIG or --cluster=slurm a worker without GPUs runs one replica, not {replicas}: "
+                        "use --cpu_devices=2 for two towers, or 1 with --towers_per_replica=1")
     return {devices[i]: [devices[i], devices[replicas + i] if two else devices[i]] for i in range(replicas)}
 
 
-def make_strategy(towers_per_replica, devices=None):
+SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
+
+
+def cluster_resolver(cluster, devices, port):
+    """The workers' resolver: Slurm's for cluster="slurm", else TF_CONFIG's when it is set, else None (one worker).
+
+    SlurmClusterResolver is told each task's GPUs, the ones this process sees (Slurm's --gpus-per-task gives
+    each task its own), so it runs no nvidia-smi (absent on CPU nodes) and leaves CUDA_VISIBLE_DEVICES alone.
+    It places a node's tasks by striding its GPUs, so a CPU task is told 1 (of 0 it would place none), and a
+    node enough for all of the step's tasks. Task k of a node serves on `port` + k.
+    """
+    if cluster != "slurm":
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver() if os.environ.get("TF_CONFIG") else None
+    missing = [name for name in SLURM_VARIABLES if name not in os.environ]
+    if missing:
+        raise UserError(f"--cluster=slurm: {', '.join(missing)} not set: start train with srun")
+    per_task = len(devices) if _on_gpus(devices) else 1
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=port, gpus_per_node=per_task * int(os.environ["SLURM_STEP_NUM_TASKS"]), gpus_per_task=per_task,
+        auto_set_gpu=False)
+
+
+def make_strategy(towers_per_replica, devices=None, cluster="auto", port=8888):
     """(strategy, plan): device_plan of `devices` (default: local_devices()), and its strategy.
 
-    MultiWorkerMirroredStrategy when TF_CONFIG is set (its plan keyed by the worker's replica devices),
-    else MirroredStrategy over the plan's replica devices.
+    MultiWorkerMirroredStrategy over cluster_resolver's workers (its plan keyed by the worker's replica
+    devices), else MirroredStrategy over the plan's replica devices.
     """
     devices = devices or local_devices()
-    if not os.environ.get("TF_CONFIG"):
+    workers = cluster_resolver(cluster, devices, port)
+    if workers is None:
         plan = device_plan(devices, towers_per_replica)
         return tf.distribute.MirroredStrategy(list(plan)), plan
     plan = device_plan(devices, towers_per_replica, multi_worker=True)
-    tf_config, gpus = tf.distribute.cluster_resolver.TFConfigClusterResolver(), _on_gpus(devices)
-    # With TFConfigClusterResolver every local GPU would be a replica: this resolver says how many.
+    spec, gpus = workers.cluster_spec(), _on_gpus(devices)  # Slurm's task_id is known after cluster_spec().
+    # TF_CONFIG's resolver would make every local GPU a replica, Slurm's a GPU of a CPU task: this one says how many.
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        tf_config.cluster_spec(), task_type=tf_config.task_type, task_id=tf_config.task_id,
-        rpc_layer=tf_config.rpc_layer, num_accelerators={"GPU": len(plan)} if gpus else {})
+        spec, task_type=workers.task_type, task_id=workers.task_id, rpc_layer=workers.rpc_layer,
+        num_accelerators={"GPU": len(plan)} if gpus else {})
     implementation = tf.distribute.experimental.CommunicationImplementation
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver, communication_options=tf.distribute.experimental.CommunicationOptions(

@@ -14,7 +14,7 @@ from absl import app, flags
 
 from keras_alexnet import cli, data, metrics, preprocess, sources, weights
 from keras_alexnet.errors import UserError
-from keras_alexnet.files import atomic_write
+from keras_alexnet.files import write_file
 
 
 def report_name(dataset, split):
@@ -59,8 +59,8 @@ def main(argv):
     for name, r in results.items():
         print(f"| {name} | {r['top1_error']:.2%} | {r['top5_error']:.2%} | {r['loss']:.4f} | {r['images']} |")
     output = FLAGS.output or os.path.join(FLAGS.model_dir, report_name(dataset_name, FLAGS.split))
-    with atomic_write(output) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
-        json.dump({"step": step, "dataset": dataset_name, "split": FLAGS.split, "results": results}, f, indent=2)
+    write_file(output, json.dumps({"step": step, "dataset": dataset_name, "split": FLAGS.split, "results": results},
+                                  indent=2))
     print(f"wrote {output}")
 
 

@@ -28,7 +28,7 @@ from absl import app, flags
 
 from keras_alexnet import cli, sources
 from keras_alexnet.errors import UserError
-from keras_alexnet.files import atomic_write
+from keras_alexnet.files import write_file, write_png
 from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.optimizer import PaperSGD
 from keras_alexnet.preprocess import resize_and_crop
@@ -189,14 +189,8 @@ def plot(seed_runs, target, path):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    with atomic_write(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
+    write_png(figure, path)
     pyplot.close(figure)
-
-
-def write(path, text):
-    with atomic_write(path) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
-        f.write(text)
 
 
 def define_flags():
@@ -260,13 +254,13 @@ def main(argv):
                        min(h["train_error"] for h in runs[a, rate, 0, False])) for a in activations for rate in rates]
         seed_epochs = {a: [epochs_to_target(h, target) for h in seed_runs[a]] for a in activations}
         reports.append(figure1_table(sweep_rows, seed_epochs, kept, target, FLAGS.epochs, FLAGS.dataset))
-        write(os.path.join(FLAGS.output_dir, "figure1.md"), reports[-1])
+        write_file(os.path.join(FLAGS.output_dir, "figure1.md"), reports[-1])
         plot(seed_runs, target, os.path.join(FLAGS.output_dir, "figure1.png"))
     if "lrn" in FLAGS.experiment:
         with_lrn = [run("relu", kept["relu"], seed, lrn=True) for seed in seeds]
         reports.append(lrn_table(seed_runs["relu"], with_lrn, kept["relu"], FLAGS.epochs, FLAGS.dataset))
-        write(os.path.join(FLAGS.output_dir, "lrn.md"), reports[-1])
-    write(os.path.join(FLAGS.output_dir, "histories.json"), json.dumps({
+        write_file(os.path.join(FLAGS.output_dir, "lrn.md"), reports[-1])
+    write_file(os.path.join(FLAGS.output_dir, "histories.json"), json.dumps({
         "dataset": FLAGS.dataset, "epochs": FLAGS.epochs, "target": TARGET,
         "kept_learning_rates": kept, "runs": [
             {"activation": a, "learning_rate": rate, "seed": seed, "lrn": lrn, "history": history}

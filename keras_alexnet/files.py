@@ -4,6 +4,7 @@ The package's run files, checkpoints' companions, caches, exports and reports ar
 `atomic_write` (a file or a directory). It imports nothing of the package: every stage may use it.
 """
 import contextlib
+import io
 import os
 
 import tensorflow as tf
@@ -30,6 +31,19 @@ def atomic_write(path):
             tf.io.gfile.rename(temporary, path, overwrite=True)
     finally:
         _remove(temporary)
+
+
+def write_file(path, content):
+    """Writes `content` (str or bytes) to `path` through `atomic_write`."""
+    with atomic_write(path) as temporary, tf.io.gfile.GFile(temporary, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+
+
+def write_png(figure, path):
+    """Saves a matplotlib figure as a PNG at `path` through `atomic_write`."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=100, format="png")
+    write_file(path, buffer.getvalue())
 
 
 def _remove(path):

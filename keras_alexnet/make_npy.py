@@ -6,13 +6,15 @@
 writes decoded centre crops, float32 [N, 227, 227, 3] (RGB 0-255, as evaluation crops them), or with
 --bytes the encoded files, an object array [N].
 """
+import io
+
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import cli, preprocess
 from keras_alexnet.errors import UserError
-from keras_alexnet.files import atomic_write
+from keras_alexnet.files import write_file
 
 
 def make_npy(paths, out, encoded=False):
@@ -34,8 +36,9 @@ def make_npy(paths, out, encoded=False):
         array[:] = files
     else:
         array = np.asarray(tf.stack(crops), np.float32)
-    with atomic_write(out) as temporary, tf.io.gfile.GFile(temporary, "wb") as f:
-        np.save(f, array)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_file(out, buffer.getvalue())
     return array.shape
 
 

@@ -31,6 +31,9 @@ from keras_alexnet.lrn import LocalResponseNormalization, TowerLocalResponseNorm
 
 INPUT_SHAPE = (227, 227, 3)
 TOWERS = ("_a", "_b")
+# Section 3.2's one-GPU net (build_alexnet(towers=1, halved=ONE_GPU)): half the kernels of the two-GPU net in
+# conv1-4; footnote 2: not in conv5 nor the fully-connected layers, so both nets have about as many parameters.
+ONE_GPU = ["conv1", "conv2", "conv3", "conv4"]  # A list, as config.json gives it back (a resume compares them).
 
 # Section 5: "We initialized the weights in each layer from a zero-mean Gaussian distribution with
 # standard deviation 0.01. We initialized the neuron biases in the second, fourth, and fifth
@@ -217,7 +220,7 @@ def _initializers(init, name, seed):
 
 def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="paper",
                   seed=None, lrn=True, pool_size=3, pool_stride=2, towers=2, lrn_bias=2.0, lrn_alpha=1e-4,
-                  lrn_across_towers=False, width=1.0, name="alexnet"):
+                  lrn_across_towers=False, width=1.0, halved=(), without=(), name="alexnet"):
     """Builds AlexNet (Figure 2 of the paper): input 227x227x3 mean-subtracted RGB, softmax output.
 
     Args:
@@ -231,6 +234,11 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
       lrn: False removes both LRN layers (the section 3.3 ablation).
       pool_size, pool_stride: 3 and 2 overlap as in section 3.4; 2 and 2 is the non-overlapping ablation.
       towers: 2 for the paper's two towers, 1 for a single tower of the same total width.
+      halved: with towers=1, layers of one tower's kernels (half the net's): ONE_GPU is section 3.2's one-GPU net.
+      without: middle convolutional layers removed, of conv3 and conv4 (section 6's depth claim). The next
+        layer takes the removed one's input, with its connectivity, and keeps its own number of kernels:
+        without conv3, conv4 sees both towers' pool2 maps (256 in the paper's net); without conv4, conv5
+        sees its tower's conv3 maps (192).
       lrn_bias, lrn_alpha: the LRN's k and alpha (section 3.3: 2 and 1e-4, alpha per squared term).
         Caffe's bvlc_alexnet has k = 1 and alpha = 1e-4 divided by n = 5: lrn_bias=1, lrn_alpha=2e-5.
       lrn_across_towers: LRN windows cross the split between the towers, as Caffe's (one stack of 96
@@ -240,6 +248,10 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
     """
     if towers not in (1, 2):
         raise UserError(f"towers must be 1 or 2, got {towers}")
+    if halved and towers == 2:
+        raise UserError(f"halved {list(halved)} needs towers=1: the two towers already hold half the kernels each")
+    if set(without) - {"conv3", "conv4"}:
+        raise UserError(f"without may name conv3 and conv4, not {sorted(set(without) - {'conv3', 'conv4'})}")
     if tower_devices is None and not tf.distribute.has_strategy():  # A strategy's replicas take the devices.
         tower_devices = default_tower_devices()
     if isinstance(tower_devices, (list, tuple)):
@@ -248,8 +260,8 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
         raise UserError(f"width must be positive, got {width}")
     halves = 2 // towers  # A single tower holds both halves of every layer.
 
-    def scaled(units):
-        return max(1, round(units * width)) * halves
+    def scaled(units, name):
+        return max(1, round(units * width)) * (1 if name in halved else halves)
     suffixes = TOWERS[:towers] if towers == 2 else ("",)
     layer_index = itertools.count()
 
@@ -262,13 +274,13 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
     def conv(name, filters, kernel, tower, suffix, strides=1, padding="same"):
         kernel_init, bias_init = _initializers(init, name, next_seed())
         return on(tower, layers.Conv2D(
-            scaled(filters), kernel, strides=strides, padding=padding, activation="relu",
+            scaled(filters, name), kernel, strides=strides, padding=padding, activation="relu",
             kernel_initializer=kernel_init, bias_initializer=bias_init, name=f"{name}{suffix}"))
 
     def dense(name, units, tower, suffix, activation="relu"):
         kernel_init, bias_init = _initializers(init, name, next_seed())
         return on(tower, layers.Dense(
-            units if name == "fc8" else scaled(units), activation=activation, kernel_initializer=kernel_init,
+            units if name == "fc8" else scaled(units, name), activation=activation, kernel_initializer=kernel_init,
             bias_initializer=bias_init, name=f"{name}{suffix}"))
 
     def pool(name, tower):
@@ -299,9 +311,9 @@ def build_alexnet(num_classes=1000, tower_devices=None, dropout_rate=0.5, init="
     x = {s: pool(f"pool2{s}", t)(normalise("lrn2", x, t, s)) for t, s in enumerate(suffixes)}
     both = [x[s] for s in suffixes]
     for t, s in enumerate(suffixes):  # conv3 takes both towers' maps; conv4-5 their own.
-        h = conv("conv3", 192, 3, t, s)(merge(both, f"conv3_in{s}", t))
-        h = conv("conv4", 192, 3, t, s)(h)
-        h = conv("conv5", 128, 3, t, s)(h)
+        h = merge(both, f"conv3_in{s}", t)
+        for layer, filters in [("conv3", 192), ("conv4", 192), ("conv5", 128)]:
+            h = h if layer in without else conv(layer, filters, 3, t, s)(h)
         h = pool(f"pool5{s}", t)(h)
         x[s] = on(t, layers.Flatten(name=f"flatten{s}"))(h)
     for fc in ("fc6", "fc7"):  # Fully connected layers take both towers' outputs.

@@ -35,7 +35,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from keras_alexnet import cli, preprocess, progress, sources, stats
 from keras_alexnet.checkpoint import LOCK, RunLock
 from keras_alexnet.errors import UserError
-from keras_alexnet.files import atomic_write
+from keras_alexnet.files import atomic_write, write_file
 
 NAME = "prepared"  # The TFDS dataset name in the shards' file names.
 PARTS, SKIPPED, STATS = "parts", "skipped.txt", "stats.npz"
@@ -154,8 +154,7 @@ def _write(facts, split, index):
     buffer = io.BytesIO()
     np.savez_compressed(buffer, records=records, skipped=np.array(skipped, str),
                         **{key: np.asarray(value) for key, value in sums.items()})
-    with atomic_write(part_file) as temporary, tf.io.gfile.GFile(temporary, "wb") as f:
-        f.write(buffer.getvalue())
+    write_file(part_file, buffer.getvalue())
     return stop - start
 
 
@@ -202,8 +201,7 @@ def _finish(facts, output):
                                              if key in part})
         num_bytes = sum(tf.io.gfile.stat(_paths(output, split, index, count)[0]).length for index in range(count))
         split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=records[split], num_bytes=num_bytes))
-    with atomic_write(os.path.join(output, SKIPPED)) as temporary, tf.io.gfile.GFile(temporary, "w") as f:
-        f.write("".join(line + "\n" for line in skipped))
+    write_file(os.path.join(output, SKIPPED), "".join(line + "\n" for line in skipped))
     train_stats = stats.stats_from_sums(sums) if "train" in facts["examples"] else None
     if train_stats:
         train_stats.save(os.path.join(output, STATS))
@@ -252,9 +250,7 @@ def main(argv):
     lock = RunLock(output)
     try:
         if not tf.io.gfile.exists(os.path.join(output, sources.PREPARE_FACTS)):
-            with atomic_write(os.path.join(output, sources.PREPARE_FACTS)) as temporary, \
-                    tf.io.gfile.GFile(temporary, "w") as f:
-                json.dump(facts, f, indent=1)
+            write_file(os.path.join(output, sources.PREPARE_FACTS), json.dumps(facts, indent=1))
         tf.io.gfile.makedirs(os.path.join(output, PARTS))
         shards = {split: _shards(facts, split) for split in splits}
         tasks = [(split, index) for split in splits for index in range(shards[split])

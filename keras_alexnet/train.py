@@ -38,7 +38,8 @@ def main(argv):
     config = config_from_flags()
     split_cpu(config.cpu_devices)
     set_up_process(config)
-    trainer = Trainer(config, *make_strategy(config.towers_per_replica))
+    trainer = Trainer(config, *make_strategy(config.towers_per_replica, cluster=config.cluster,
+                                             port=config.cluster_port))
     trainer.fit()
     if trainer.chief:
         exported = config.export_dir and export.export_saved_model(

@@ -5,8 +5,9 @@ replica plan computes the same thing: the pipeline cuts each global batch the sa
 devices (data.py), the loss is averaged over the global batch, and replica gradients are summed.
 --steps_per_loop steps run inside one tf.function; between loops the host updates the progress,
 writes summaries and checkpoints, and TensorFlow's PreemptionCheckpointHandler turns SIGTERM (and
-Ctrl-C) into one checkpoint that every worker saves at the same step, then exit status 0. The handler
-polls our own SIGTERM flag each second, also on GCP's GPU VMs (`_watch_for_sigterm` says where not).
+Ctrl-C) into one checkpoint that every worker saves at the same step, then exit status 0 (or
+--preemption_exit_code). The handler polls our own SIGTERM flag each second, also on GCP's GPU VMs
+(`_watch_for_sigterm` says where not).
 """
 import dataclasses
 import json
@@ -22,7 +23,8 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.distribute.failure_handling import failure_handling_util  # PlatformDevice: no public API.
 
-from keras_alexnet import checkpoint, data, figures, metrics, preprocess, progress, sources, summaries, weights
+from keras_alexnet import (checkpoint, data, data_service, figures, metrics, preprocess, progress, sources,
+                           summaries, weights)
 from keras_alexnet.distribute import describe, is_chief
 from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
 from keras_alexnet.errors import UserError
@@ -83,6 +85,8 @@ class Trainer:
         self.val_source = sources.load_source(config.dataset, "validation", config.data_dir, seed=config.seed,
                                               class_names=self.train_source.class_names)
         data.check_trainable(self.train_source, config.dataset, config.batch_size, strategy.num_replicas_in_sync)
+        if config.data_service:
+            data_service.check_service(config.data_service, self.train_source, config.dataset)
         self.stats = preprocess.Stats.load(config.stats) if config.stats else preprocess.Stats.imagenet()
         self.steps_per_epoch = min(data.epoch_steps(self.train_source.num_examples, config.batch_size),
                                    config.steps_per_epoch or math.inf)
@@ -137,11 +141,14 @@ class Trainer:
         return val_metrics
 
     def close(self):
-        """Lets another process write the run directory; SIGTERM and Ctrl-C act as before the run."""
+        """Lets another process write the run directory (its summary files closed); SIGTERM and Ctrl-C act
+        as before the run."""
+        for writer in getattr(self, "writers", {}).values():
+            writer.close()
         if self.lock:
             self.lock.release()
-        if getattr(self, "preemption", None):  # Its thread polling `signalled` would keep the run alive.
-            self.preemption._stop_poll_termination_signal_thread()
+        if getattr(self, "preemption", None):  # Its thread polling `signalled` (a daemon) ends within its
+            self.preemption._poll_termination_signal_thread_should_stop.set()  # second's sleep, unwaited.
         if getattr(self, "_sigterm_before", None) is not None:
             signal.signal(signal.SIGTERM, self._sigterm_before)
             self._sigterm_before = None
@@ -245,7 +252,7 @@ class Trainer:
         except data.FillInterrupted as interrupted:
             kept = f"the checkpoint of step {self.step} is kept" if self.step else "no step was trained yet"
             print(f"SIGTERM: {interrupted}; {kept}. Run the same command to resume.", flush=True)
-            sys.exit(0)
+            sys.exit(self.config.preemption_exit_code)
 
     def _if_preempted(self):
         """After SIGTERM or Ctrl-C (to any worker), every worker saves at the same step and stops."""
@@ -258,7 +265,7 @@ class Trainer:
             tf.io.gfile.rmtree(self.manager.directory)
         print(f"SIGTERM: stopped at step {self.step}; checkpoint saved in {self.checkpoint_dir}. "
               "Run the same command to resume.", flush=True)
-        sys.exit(0)
+        sys.exit(self.config.preemption_exit_code)
 
     def train_epoch(self):
         """The rest of the current epoch, in loops of --steps_per_loop steps; returns its summed totals."""
@@ -268,7 +275,8 @@ class Trainer:
             lambda ctx: data.train_pipeline(
                 self.train_source, config.batch_size, self.stats, seed=config.seed, epoch=epoch, first_step=done,
                 steps=self.steps_per_epoch, pca_lighting=config.pca_lighting, cache=config.cache,
-                input_context=ctx, shuffle_buffer=config.shuffle_buffer)))
+                input_context=ctx, shuffle_buffer=config.shuffle_buffer,
+                service=data_service.on_service(config.data_service) if config.data_service else None)))
         self.progress = progress.Progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch, done,
                                            config.batch_size, float(self.optimizer.learning_rate),
                                            traced=self.train_loop.experimental_get_tracing_count() > 0)

@@ -10,6 +10,7 @@ import gc
 import io
 import re
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -129,9 +130,13 @@ def run_program(module, *args, cwd=None):
     (returncode, stdout, stderr): the module runs as __main__ (runpy) and absl parses ARGS, but without
     a new interpreter and TensorFlow's import (3-4 s each). The flags it defines are removed after.
 
-    For programs that leave no process-wide state: train (which splits the CPU and sets the seed, the
-    dtype policy and signal handlers) runs in a subprocess (run_cli)."""
-    assert module != "train", "train sets process-wide state: run it with run_cli"
+    train may run here where it stops before training (refusals): the dtype policy and signal handlers
+    it sets are put back after; --cpu_devices and --deterministic, which cannot be undone in a process,
+    are for run_cli. Runs that train, and signals, go to run_cli too."""
+    assert module != "train" or not any(arg.startswith(("--cpu_devices", "--deterministic")) for arg in args), \
+        "--cpu_devices and --deterministic change this process for good: run train with run_cli"
+    policy, handlers = keras.mixed_precision.dtype_policy(), {s: signal.getsignal(s) for s in (signal.SIGINT,
+                                                                                             signal.SIGTERM)}
     app.define_help_flags()  # As app.run defines them: kept, not removed as the program's flags are.
     flag_values, defined = flags.FLAGS, set(flags.FLAGS)
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
@@ -153,6 +158,9 @@ def run_program(module, *args, cwd=None):
     finally:
         sys.argv = argv
         os.chdir(old_cwd)
+        keras.mixed_precision.set_dtype_policy(policy)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
         flag_values.unparse_flags()
         for name in set(flag_values) - defined:
             delattr(flag_values, name)

@@ -44,14 +44,14 @@ def a_file(tmp_path):
 @pytest.mark.parametrize("case", ["a file", "below a file", pytest.param("read-only", marks=needs_sysfs)])
 def test_train_model_dir_that_cannot_be_written(case, a_file):
     model_dir = {"a file": a_file, "below a file": f"{a_file}/run", "read-only": READ_ONLY}[case]
-    result = spawn_program("train", "--dataset=synthetic", "--batch_size=4", "--steps_per_epoch=1",
-                         "--eval_steps=1", "--epochs=1", f"--model_dir={model_dir}")
+    result = conftest.run_program("train", "--dataset=synthetic", "--batch_size=4", "--steps_per_epoch=1",
+                                  "--eval_steps=1", "--epochs=1", f"--model_dir={model_dir}")
     assert_one_line(result, {"a file": f"{a_file} is not a directory", "below a file": f"{a_file} is not a directory",
                              "read-only": READ_ONLY}[case])
 
 
 def test_train_stats_that_is_a_text_file(a_file):
-    result = spawn_program("train", "--dataset=synthetic", f"--stats={a_file}", f"--model_dir={a_file}.run")
+    result = conftest.run_program("train", "--dataset=synthetic", f"--stats={a_file}", f"--model_dir={a_file}.run")
     assert_one_line(result, f"statistics file {a_file} is not an .npz of python -m keras_alexnet.stats")
 
 

@@ -218,6 +218,56 @@ def test_lighting_moves_each_image_by_one_vector(coordinates):
     assert len(np.unique(np.round(shifts[:, 0], 3), axis=0)) == len(lit)  # Drawn once per image.
 
 
+def test_uint8_augmentation_is_the_float_reference_bit_for_bit():
+    """Cropped and flipped in uint8, then minus the mean's patch plus the lighting offset: the same float32
+    values as the whole image minus the mean, cropped, lit and flipped (numpy, with the pipeline's draws)."""
+    rng = np.random.default_rng(12)
+    raw = rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
+    stats = preprocess.Stats.imagenet()
+    stats.mean_image = rng.uniform(0, 255, (256, 256, 3)).astype(np.float32)  # Not symmetric: flips show.
+    images, labels = epochs(constant_source(list(raw)), 8, stats, 2, seed=9)
+    flips = 0
+    for position, (image, index) in enumerate(zip(images, labels)):  # Labels are the images' indices.
+        epoch_key = tf.constant([9, position // 8], tf.int64)
+        key = tf.random.experimental.stateless_fold_in(epoch_key, tf.constant(index, tf.int64))
+        keys = tf.random.experimental.stateless_split(key, 3)
+        top, left = tf.random.stateless_uniform([2], keys[0], 0, 30, tf.int32).numpy()
+        alphas = tf.random.stateless_normal([3], keys[1], stddev=0.1)
+        shift = tf.linalg.matvec(tf.constant(stats.eigenvectors), alphas * stats.eigenvalues).numpy() * np.float32(255)
+        expected = (raw[index].astype(np.float32) - stats.mean_image)[top:top + 227, left:left + 227] + shift
+        flip = bool(tf.random.stateless_uniform([], keys[2]) < 0.5)
+        np.testing.assert_array_equal(image, expected[:, ::-1] if flip else expected)
+        flips += flip
+    assert 0 < flips < 16
+
+
+def test_load_images_flags_bad_records_in_place_across_chunks():
+    """Bad payloads first, mid-chunk, a whole chunk of them and last: each keeps its place with ok False."""
+    rng = np.random.default_rng(13)
+    bad = {0, 5, 39} | set(range(sources.LOAD_CHUNK, 2 * sources.LOAD_CHUNK))
+    good = {i: rng.integers(0, 256, (40, 60, 3), dtype=np.uint8) for i in range(40) if i not in bad}
+    payloads = [encode(good[i]) if i in good else b"not an image" for i in range(40)]
+    source = sources.random_access_source(np.array(payloads, object), np.arange(40), preprocess.decode, ["x"])
+    loaded = list(sources.load_images(sources.indexed_records(source), source.load).as_numpy_iterator())
+    assert [int(index) for index, *_ in loaded] == list(range(40))
+    assert [int(label) for *_, label in loaded] == list(range(40))
+    assert {int(index) for index, image, ok, label in loaded if not ok} == bad
+    for index, image, ok, label in loaded:
+        expected = preprocess.decode_and_resize(payloads[index]).numpy() if ok else np.zeros((256, 256, 3))
+        np.testing.assert_array_equal(image, expected)
+
+
+def test_a_side_of_256_is_cropped_as_the_rescale_does_it(coordinates):
+    """Shorter side 256 (prepared files): the centre crop alone, equal to the kernel's output at scale 1."""
+    rng = np.random.default_rng(14)
+    for shape in [(256, 256), (256, 301), (300, 256)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(preprocess.resize_and_crop(image).numpy(),
+                                      preprocess._rescaled_crop(tf.constant(image), 256).numpy())
+    jpeg = tf.io.encode_jpeg(coordinates, quality=95)
+    np.testing.assert_array_equal(preprocess.decode_and_resize(jpeg).numpy(), tf.io.decode_jpeg(jpeg).numpy())
+
+
 def test_same_seed_same_batches_other_seed_differs():
     rng = np.random.default_rng(6)
     source = constant_source(list(rng.integers(0, 256, (40, 256, 256, 3), dtype=np.uint8)))

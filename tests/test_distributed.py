@@ -7,10 +7,12 @@ device plans ((a) 1 replica x 2 towers, (b) 2 replicas x 2 towers, (c) 2 replica
 summation order of the replicas' gradients. Every plan trains the narrow net (--width=0.0625, conftest.NARROW:
 every layer at 1/16 of the paper's units): the distribution is the point, not the size of the net.
 """
+import dataclasses
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -260,12 +262,17 @@ def test_a_loop_sums_its_totals_over_the_replicas_once(logical_cpus, monkeypatch
 
 # ----------------------------------------------------------------------------------------- workers
 
-def start_workers(model_dir, ports, *extra):
-    """Two worker processes; their output goes to files beside the run (a full pipe would block one)."""
+def tf_config_cluster(ports, index):
+    return {"TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                     "task": {"type": "worker", "index": index}})}
+
+
+def start_workers(model_dir, ports, *extra, cluster=tf_config_cluster):
+    """Two worker processes, told their cluster by `cluster(ports, index)`'s variables; their output goes to
+    files beside the run (a full pipe would block one)."""
     workers = []
     for index in range(2):
-        env = {**os.environ, "TF_CONFIG": json.dumps({
-            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})}
+        env = {**os.environ, **cluster(ports, index)}
         worker = subprocess.Popen(
             [sys.executable, "-m", "keras_alexnet.train", *FLAGS, "--cpu_devices=2", f"--model_dir={model_dir}",
              *extra], env=env, stdout=open(f"{model_dir}.worker{index}.out", "w"),
@@ -309,6 +316,70 @@ def test_two_workers_compute_what_one_replica_does(plan_a, plan_d, final_digest)
     assert_same_computation(final_checkpoint(model_dir), plan_a[0])
 
 
+def slurm_step(ports, index):
+    """What srun sets for task `index` of a step of 2 tasks on one node, localhost (the resolver reads these)."""
+    return {"SLURM_PROCID": str(index), "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_STEP_TASKS_PER_NODE": "2"}
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_compute_what_one_replica_does(plan_a, tmp_path, free_port, final_digest):
+    """--cluster=slurm: SlurmClusterResolver makes the 2 tasks of a step on one CPU node the workers of plan (d),
+    on ports P and P + 1 (no nvidia-smi, which this machine lacks)."""
+    port = free_port()
+    while not port_is_free(port + 1):
+        port = free_port()
+    workers = start_workers(tmp_path / "run", [], "--steps_per_loop=1", "--cluster=slurm", f"--cluster_port={port}",
+                            cluster=slurm_step)
+    assert_workers_agree(finish(workers), final_digest)
+    assert_same_computation(final_checkpoint(tmp_path / "run"), plan_a[0])
+
+
+@pytest.mark.parametrize("devices", [["/device:CPU:0", "/device:CPU:1"], [f"/device:GPU:{i}" for i in range(4)]],
+                         ids=["cpu_node", "4_gpus_a_task"])
+def test_the_slurm_resolver_runs_no_nvidia_smi_and_leaves_the_gpus_alone(monkeypatch, devices):
+    """Task 2 of a step of 3 tasks on 2 nodes: the cluster, task k of a node on port + k, without nvidia-smi (and
+    whether or not CUDA_VISIBLE_DEVICES is set), which it does not set either."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(subprocess, "check_output", lambda *args, **kwargs: pytest.fail("ran nvidia-smi"))
+    for name, value in zip(distribute.SLURM_VARIABLES, ["2", "3", "node[1-2]", "2,1"]):
+        monkeypatch.setenv(name, value)
+    resolver = distribute.cluster_resolver("slurm", devices, 9000)
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node1:9000", "node1:9001", "node2:9000"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 2) and "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_slurm_outside_a_slurm_step_is_one_line(monkeypatch):
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(UserError, match=r"^--cluster=slurm: SLURM_STEP_NUM_TASKS(, SLURM_\w+)* not set: start train "
+                                        r"with srun$"):
+        distribute.cluster_resolver("slurm", ["/device:CPU:0"], 8888)
+
+
+def test_the_launch_examples_restart_on_the_preemption_exit_code():
+    """docs/tfjob.yaml restarts a pod on 128-255 (Kubeflow's ExitCode) and docs/slurm.sbatch requeues itself on
+    the status train then exits with after SIGTERM's checkpoint; every flag they give train is one of its own."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    tfjob, sbatch = ((docs / name).read_text() for name in ("tfjob.yaml", "slurm.sbatch"))
+    assert re.search(r"^ +restartPolicy: ExitCode$", tfjob, re.M)
+    for text in tfjob, sbatch:
+        commands = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        code = int(re.search(r"--preemption_exit_code=(\d+)", commands).group(1))
+        assert 128 <= code <= 255, code
+        assert set(re.findall(r"--(\w+)=", commands)) <= {field.name for field in dataclasses.fields(Config)}
+    assert f'if [ "$status" -eq {code} ]; then' in sbatch
+
+
+def port_is_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_port, final_digest):
     """TensorFlow's PreemptionCheckpointHandler: both workers save at one step and exit 0; started
@@ -333,9 +404,10 @@ def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_por
 
 def test_sigterm_on_a_gcp_gpu_vm_saves_and_stops(tmp_path, logical_cpus, monkeypatch, capsys):
     """TensorFlow's handler, finding a GCP GPU VM, polls the maintenance events and leaves SIGTERM alone (the
-    signal would end the run unsaved): it polls our SIGTERM flag instead, with no grace period."""
+    signal would end the run unsaved): it polls our SIGTERM flag instead, with no grace period. The run exits
+    with --preemption_exit_code (143: what Kubeflow's restartPolicy ExitCode restarts, docs/cluster.md)."""
     monkeypatch.setattr(failure_handling_util, "detect_platform", lambda: failure_handling_util.PlatformDevice.GCE_GPU)
-    config = Config(**RUN, model_dir=str(tmp_path), steps_per_loop=1)
+    config = Config(**RUN, model_dir=str(tmp_path), steps_per_loop=1, preemption_exit_code=143)
     trainer.set_up_process(config)
     run = trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
     assert run.preemption._platform_device is failure_handling_util.PlatformDevice.GCE_GPU
@@ -344,7 +416,7 @@ def test_sigterm_on_a_gcp_gpu_vm_saves_and_stops(tmp_path, logical_cpus, monkeyp
     with pytest.raises(SystemExit) as stopped:
         run.fit()
     step = int(re.search(r"SIGTERM: stopped at step (\d+);", capsys.readouterr().out).group(1))
-    assert stopped.value.code == 0 and step < 6  # The handler saves a loop after it learns of the signal.
+    assert stopped.value.code == 143 and step < 6  # The handler saves a loop after it learns of the signal.
     assert tf.train.latest_checkpoint(tmp_path / checkpoint.CHECKPOINTS).endswith(f"-{step}")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The run's handler is gone with it.
 
@@ -374,7 +446,8 @@ def test_plans_no_strategy_can_give_are_refused(logical_cpus):
                                         r"left unused: use CUDA_VISIBLE_DEVICES with an even number of GPUs"):
         distribute.device_plan(gpus(3), 2)
     for devices, towers in (logical_cpus, 2), (logical_cpus[:2], 1):  # A CPU worker of several: one replica.
-        with pytest.raises(UserError, match="^under TF_CONFIG a worker without GPUs runs one replica, not 2"):
+        with pytest.raises(UserError, match="^under TF_CONFIG or --cluster=slurm a worker without GPUs runs one "
+                                            "replica, not 2"):
             distribute.device_plan(devices, towers, multi_worker=True)
     assert distribute.device_plan(logical_cpus[:2], 2, multi_worker=True) == {logical_cpus[0]: logical_cpus[:2]}
 

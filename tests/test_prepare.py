@@ -114,6 +114,19 @@ def test_every_record_is_the_on_the_fly_image_up_to_jpeg(folder, prepared, split
                                                                                   difference.max())
 
 
+def test_prepared_records_skip_the_checks_and_decode_as_with_them(prepared):
+    """A prepared record is decoded without the header and Exif checks: the same pixels as through them."""
+    source = sources.load_source(str(prepared[0]), "train")
+    assert source.load is sources.decode_prepared
+    fast, _ = sources.decoded_images(source)
+    checked, _ = sources.decoded_images(source._replace(load=preprocess.decode))
+    fast, checked = list(fast.as_numpy_iterator()), list(checked.as_numpy_iterator())
+    assert len(fast) == len(checked) == source.num_examples
+    for (image, label), (want, want_label) in zip(fast, checked):
+        assert label == want_label
+        np.testing.assert_array_equal(image, want)
+
+
 def test_the_shared_photos_are_within_the_bound(folder, prepared, photos):
     """Real photos: a 640 x 427 JPEG, 451 x 300 and 600 x 400 PNGs."""
     found = {path: d for path, d in differences(folder, prepared[0], "train").items() if "/photos/" in path}

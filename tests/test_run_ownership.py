@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
-from conftest import run_cli, run_program, write_run
+from conftest import run_program, write_run
 from keras_alexnet import checkpoint, convert, preprocess
 from keras_alexnet.model import build_alexnet
 
@@ -30,7 +30,7 @@ def test_a_second_train_on_one_run_is_refused_and_a_killed_ones_lock_is_taken_ov
     while not (run / "config.json").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
     assert first.poll() is None, "the first run ended before the second started"
-    second = subprocess.run([*TRAIN, f"--model_dir={run}"], capture_output=True, text=True, timeout=300)
+    second = run_program("train", *TRAIN[3:], f"--model_dir={run}")
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert second.returncode == 1 and errors == [
         f"error: {run} is in use by process {first.pid} on {os.uname().nodename}: one process at a time writes a "
@@ -90,8 +90,7 @@ def damage(run, how):
 def two_checkpoints(tmp_path_factory):
     """A narrow run with checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("run")
-    done = subprocess.run([*TRAIN, f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2"],
-                          capture_output=True, text=True, timeout=600)
+    done = run_program("train", *TRAIN[3:], f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2")
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -114,8 +113,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoint
     assert (tmp_path / "export" / "2").is_dir()  # The version is the checkpoint's step.
     if how != "cut":
         return
-    resumed = subprocess.run([*TRAIN, f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2",
-                              "--epochs=2"], capture_output=True, text=True, timeout=600)
+    resumed = run_program("train", *TRAIN[3:], f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2",
+                          "--epochs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "damaged checkpoint ckpt-4 (" in resumed.stdout and "epoch 1/2: 2 steps" in resumed.stdout
     assert tf.train.latest_checkpoint(run / "checkpoints").endswith("ckpt-8")
@@ -152,8 +151,7 @@ def test_sigterm_in_the_last_epochs_validation_saves_and_stops_at_once(tmp_path)
     print(f"\nSIGTERM in validation: exited {delay:.1f} s after the signal")
     assert process.returncode == 0 and "SIGTERM: stopped at step 3" in rest and "epoch 1:" not in rest, rest
     assert delay < 20 and not (run / checkpoint.HISTORY).exists()
-    resumed = subprocess.run([*TRAIN[:-3], "--epochs=1", "--steps_per_loop=1", *args], capture_output=True,
-                             text=True, timeout=600)
+    resumed = run_program("train", *TRAIN[3:-3], "--epochs=1", "--steps_per_loop=1", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     [epoch] = [json.loads(line) for line in (run / checkpoint.HISTORY).read_text().splitlines()]
     assert (epoch["epoch"], epoch["step"], epoch["validation"]["images"]) == (1, 3, 64 * 8)
@@ -173,10 +171,10 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk):
     run = small_disk / "run"
-    args = [*TRAIN[:-4], "--steps_per_epoch=4", "--checkpoint_every=2", "--epochs=1", "--eval_steps=1",
+    args = [*TRAIN[3:-4], "--steps_per_epoch=4", "--checkpoint_every=2", "--epochs=1", "--eval_steps=1",
             f"--model_dir={run}"]
     for attempt in range(2):  # The second starts beside a partial save that a kill left.
-        result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        result = run_program("train", *args)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert re.fullmatch(rf"error: no space left on device for a checkpoint in {run}/checkpoints: it takes about "
@@ -215,7 +213,7 @@ def test_a_damaged_config_json_names_itself(two_checkpoints, tmp_path):
     where = f"line {error.value.lineno}, column {error.value.colno}: {error.value.msg}"
     for program in ("evaluate", "export", "train"):
         args = f"--model_dir={run}", f"--export_dir={tmp_path / 'x'}" if program == "export" else "--dataset=synthetic"
-        result = run_cli("-m", "keras_alexnet.train", *args) if program == "train" else run_program(program, *args)
+        result = run_program(program, *args)
         assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
             f"error: {run}/config.json is damaged: {where} (it holds"), \
             (program, result.stderr[-1500:])
@@ -229,8 +227,7 @@ def test_a_damaged_config_json_names_itself(two_checkpoints, tmp_path):
     ("--width=0", "--width must be positive, got 0.0"),
 ])
 def test_flags_no_run_can_use_are_refused_before_anything_is_written(tmp_path, flag, message):
-    result = subprocess.run([*TRAIN, f"--model_dir={tmp_path / 'run'}", flag], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=300)
+    result = run_program("train", *TRAIN[3:], f"--model_dir={tmp_path / 'run'}", flag, cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {message}", result.stderr
     assert os.listdir(tmp_path) == []
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import NARROW
+from conftest import NARROW, run_program
 from keras_alexnet import checkpoint, distribute, model, preprocess, summaries, trainer
 from keras_alexnet.config import PRESETS, Config
 from keras_alexnet.model import build_alexnet, tower_variables
@@ -156,6 +156,9 @@ def test_a_run_forced_to_chance_is_called_stuck_and_stopped(tmp_path):
                                               ({"towers_per_replica": 3}, "--towers_per_replica must be 1 or 2"),
                                               ({"eval_steps": -1}, "--eval_steps must be positive"),
                                               ({"stats": "/nonexistent.npz"}, "does not exist"),
+                                              ({"preemption_exit_code": 256},
+                                               "--preemption_exit_code must be in [0, 255], got 256"),
+                                              ({"cluster_port": 0}, "--cluster_port must be positive"),
                                               ({"deterministic": True, "jit_compile": True},
                                                "--deterministic with --jit_compile: XLA has no deterministic")])
 def test_bad_values_are_named(changes, message):
@@ -164,7 +167,7 @@ def test_bad_values_are_named(changes, message):
 
 
 def test_bad_input_stops_with_one_line_and_no_traceback(tmp_path):
-    result = run_trainer(tmp_path, "--dataset=/nonexistent/folder", timeout=120)
+    result = run_program("train", "--dataset=/nonexistent/folder", f"--model_dir={tmp_path}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: dataset folder /nonexistent/folder does not exist"
     assert "Traceback" not in result.stderr
