@@ -397,15 +397,17 @@ def bench_data_service(rows, data_dir, count=640, batch_size=64):
         return count / (time.perf_counter() - start)
 
     served = data_service.on_service(dispatcher.target)
-    one_pass(), one_pass(served)  # Warm-up: traces, the file cache.
-    rates = [(one_pass(served), one_pass()) for _ in range(2)]
+    try:
+        one_pass(), one_pass(served)  # Warm-up: traces, the file cache.
+        rates = [(one_pass(served), one_pass()) for _ in range(2)]
+    finally:
+        for server in workers + [dispatcher]:
+            server.stop()
     ours, reference = max(r[0] for r in rates), max(r[1] for r in rates)
     rows.append({"what": f"train_pipeline on {len(os.sched_getaffinity(0))} cores ({count} Imagenette JPEGs, "
                          "batch 64): through tf.data service, 2 workers on this host, vs local",
                  "ours": round(ours, 1), "reference": round(reference, 1), "ratio": round(ours / reference, 2),
                  "unit": "img/s"})
-    for server in workers + [dispatcher]:
-        server.stop()
 
 
 def bench_export(rows, data_dir):

@@ -114,6 +114,8 @@ def epoch_records(source, batch_size, steps, seed, epoch, first_step=0, shuffle_
     pass_number, part = divmod(epoch, epochs_per_pass)
     start, stop = part * per_epoch + first_step * batch_size, (part + 1) * per_epoch
     if source.lookup is None:
+        if step_numbers is not None:
+            raise UserError("step numbers need a split read by index; this one is read in order")
         pass_seed = seed * 1_000_003 + pass_number
         return indexed_records(source._replace(records=source.shuffled(pass_seed))).shuffle(
             shuffle_buffer, seed=pass_seed).skip(start).take(stop - start).batch(batch_size)

@@ -9,6 +9,7 @@ The dispatcher is fault tolerant: it journals its state in --work_dir before it 
 with the same --work_dir carries on its jobs. Each prints one line once it serves and runs until SIGTERM
 or Ctrl-C. `on_service` moves a training pipeline's decode and augmentation onto the workers.
 """
+import os
 import re
 import signal
 import socket
@@ -27,28 +28,38 @@ ADDRESS = re.compile(r"(grpc://)?[\w.-]+:\d{1,5}")
 
 def check_address(address, flag="--data_service"):
     """`address` (HOST:PORT, grpc:// optional) or a UserError naming `flag`."""
-    if not ADDRESS.fullmatch(address):
-        raise UserError(f"{flag} must be HOST:PORT or grpc://HOST:PORT, got {address!r}")
+    if not ADDRESS.fullmatch(address) or int(address.rsplit(":", 1)[1]) > 65535:
+        raise UserError(f"{flag} must be HOST:PORT or grpc://HOST:PORT (a port up to 65535), got {address!r}")
     return address
 
 
-def check_service(address, source, name):
-    """Refuses, before a run starts, a dispatcher that does not answer (TensorFlow would wait for it for an
-    hour) and a training split the service's workers cannot read: one read in order (TFDS's files: the
-    workers would shuffle their own), or one whose records are read by Python (tf.numpy_function: a
-    prepared dataset's array_record files), which runs in this process only."""
-    host, port = check_address(address).removeprefix("grpc://").rsplit(":", 1)
+def check_dispatcher(address, flag):
+    """`address` as HOST:PORT, or a UserError naming `flag` when no dispatcher answers there (TensorFlow
+    would wait for it for an hour)."""
+    host, port = check_address(address, flag).removeprefix("grpc://").rsplit(":", 1)
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as error:
-        raise UserError(f"--data_service: no dispatcher answers at {host}:{port} ({error.strerror or error}): "
+        raise UserError(f"{flag}: no dispatcher answers at {host}:{port} ({error.strerror or error}): "
                         "start one with python -m keras_alexnet.data_service dispatcher") from None
+    return f"{host}:{port}"
+
+
+def check_service(address, source, name):
+    """Refuses, before a run starts, a dispatcher that does not answer, a relative --dataset, and a training
+    split the service's workers cannot read: one read in order (TFDS's files: the
+    workers would shuffle their own), or one whose records are read by Python (tf.numpy_function: a
+    prepared dataset's array_record files), which runs in this process only."""
+    check_dispatcher(address, "--data_service")
     if source.lookup is None:
         raise UserError(f"--data_service needs a split read by index; {name} is read in order: use a folder")
     graph = tf.function(source.lookup).get_concrete_function(tf.TensorSpec([None], tf.int64)).graph
     if any(op.type in ("PyFunc", "PyFuncStateless", "EagerPyFunc") for op in graph.get_operations()):
         raise UserError(f"--data_service: {name}'s records are read by Python code, which the service's workers "
                         "cannot run: use a folder of images (on a file system the workers see too)")
+    if os.path.isdir(name) and not os.path.isabs(name):
+        raise UserError(f"--data_service: the workers read --dataset's files themselves, from their own working "
+                        f"directory: give its absolute path (on a file system they see), not {name}")
 
 
 def on_service(address, window=16):
@@ -56,15 +67,15 @@ def on_service(address, window=16):
     [first, last) (of its one-number dataset), computed on the service's workers, in the order of the steps.
 
     The step numbers are the splits (ShardingPolicy.DYNAMIC): a worker takes one, computes its whole
-    element and asks for the next, so every element is computed once. They arrive as workers finish them
-    and wait here (`_in_order`) for the earlier ones.
+    element (its decode and augmentation in parallel) and asks for the next, so every element is computed
+    once and a worker holds one step at a time. They arrive as workers finish them and wait here
+    (`_in_order`) for the earlier ones.
     """
     address = check_address(address)
 
     def serve(first, last, make):
-        tagged = tf.data.Dataset.range(first, last).interleave(
-            lambda step: make(tf.data.Dataset.from_tensors(step)).map(lambda *element: (step, element)),
-            num_parallel_calls=tf.data.AUTOTUNE)
+        tagged = tf.data.Dataset.range(first, last).flat_map(
+            lambda step: make(tf.data.Dataset.from_tensors(step)).map(lambda *element: (step, element)))
         served = tagged.apply(tf.data.experimental.service.distribute(
             tf.data.experimental.service.ShardingPolicy.DYNAMIC, address))
         return _in_order(served, first, last, make, window)
@@ -123,7 +134,7 @@ def _in_order(served, first, last, make, window):
 
 
 def define_flags():
-    flags.DEFINE_integer("port", 0, "Port to serve on (0: any free one, printed).", lower_bound=0)
+    flags.DEFINE_integer("port", 0, "Port to serve on (0: any free one, printed).", lower_bound=0, upper_bound=65535)
     flags.DEFINE_string("work_dir", None, "dispatcher: where it journals its state (fault tolerance).")
     flags.DEFINE_string("dispatcher", None, "worker: the dispatcher's HOST:PORT.")
     flags.DEFINE_string("host", socket.gethostname(), "worker: the name trainers reach this host by (the "
@@ -140,7 +151,7 @@ def _serve(role):
         return server, f"tf.data service dispatcher at {server.target} (journal in {FLAGS.work_dir})"
     if not FLAGS.dispatcher:
         raise UserError("worker needs --dispatcher=HOST:PORT")
-    dispatcher = check_address(FLAGS.dispatcher, "--dispatcher").removeprefix("grpc://")
+    dispatcher = check_dispatcher(FLAGS.dispatcher, "--dispatcher")  # Else WorkerServer waits, silent.
     server = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
         dispatcher_address=dispatcher, port=FLAGS.port, worker_address=f"{FLAGS.host}:%port%"))
     port = server._address.split(":")[-1]  # The port bound (--port=0: any); WorkerServer has no public one.

@@ -91,8 +91,9 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_n
         source = _synthetic_source(split)
     elif is_prepared(dataset):
         import tensorflow_datasets as tfds  # Slow to import; only needed here.
+        ours = tf.io.gfile.exists(os.path.join(dataset, PREPARE_FACTS))  # Else another TFDS builder's folder.
         source = _builder_source(tfds.builder_from_directory(dataset), dataset, split, val_fraction, part,
-                                 load=decode_prepared)
+                                 load=decode_prepared if ours else decode)
     elif tf.io.gfile.exists(os.path.join(dataset, PREPARE_FACTS)):
         raise DataError(f"{dataset} is a python -m keras_alexnet.prepare that has not finished: run it again")
     elif tf.io.gfile.isdir(dataset):
@@ -248,9 +249,12 @@ def _tfds_source(name, split, data_dir, val_fraction, part):
 
 
 def decode_prepared(image_bytes):
-    """A record `prepare` wrote: its own upright 256x256 JPEG (checked when it was written), decoded with
-    no header or Exif checks (they cost as much as the decode)."""
-    image = tf.io.decode_jpeg(image_bytes, channels=3)
+    """A record `prepare` wrote: its own upright 256x256 JPEG (checked when it was written), decoded without
+    `decode`'s header and Exif checks (they cost as much as the decode); its JPEG header must say 256x256."""
+    shape = tf.image.extract_jpeg_shape(image_bytes)  # Fails on anything but a JPEG.
+    with tf.control_dependencies([tf.debugging.assert_equal(
+            shape[:2], [IMAGE_SIZE, IMAGE_SIZE], message="not a prepared 256 x 256 JPEG")]):
+        image = tf.io.decode_jpeg(image_bytes, channels=3)
     image.set_shape([None, None, 3])
     return image
 

@@ -147,8 +147,9 @@ class Trainer:
             writer.close()
         if self.lock:
             self.lock.release()
-        if getattr(self, "preemption", None):  # Its thread polling `signalled` (a daemon) ends within its
-            self.preemption._poll_termination_signal_thread_should_stop.set()  # second's sleep, unwaited.
+        stop_polling = getattr(getattr(self, "preemption", None), "_poll_termination_signal_thread_should_stop", None)
+        if stop_polling:  # Its thread polling `signalled` (a daemon; none on GCP CPU or TPU VMs) ends
+            stop_polling.set()  # within its second's sleep, unwaited.
         if getattr(self, "_sigterm_before", None) is not None:
             signal.signal(signal.SIGTERM, self._sigterm_before)
             self._sigterm_before = None

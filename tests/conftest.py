@@ -130,9 +130,11 @@ def run_program(module, *args, cwd=None):
     (returncode, stdout, stderr): the module runs as __main__ (runpy) and absl parses ARGS, but without
     a new interpreter and TensorFlow's import (3-4 s each). The flags it defines are removed after.
 
-    train may run here where it stops before training (refusals): the dtype policy and signal handlers
-    it sets are put back after; --cpu_devices and --deterministic, which cannot be undone in a process,
-    are for run_cli. Runs that train, and signals, go to run_cli too."""
+    train runs here too: the dtype policy and signal handlers it sets are put back after (the global seed
+    it sets is not: later tests draw from a seeded state). It runs on this process's 4 logical CPUs, so its
+    plan is 2 replicas x 2 towers, not a user's one device: for refusals and for runs whose point is not
+    the plan. --cpu_devices and --deterministic, which cannot be undone in a process, and signals are for
+    run_cli."""
     assert module != "train" or not any(arg.startswith(("--cpu_devices", "--deterministic")) for arg in args), \
         "--cpu_devices and --deterministic change this process for good: run train with run_cli"
     policy, handlers = keras.mixed_precision.dtype_policy(), {s: signal.getsignal(s) for s in (signal.SIGINT,

@@ -42,15 +42,17 @@ def batches(dataset):
     return [images.numpy().tobytes() + labels.numpy().tobytes() for images, labels in dataset]
 
 
-def test_the_service_serves_the_local_epochs_batches(two_workers, synthetic):
+def test_the_service_serves_the_local_epochs_batches(two_workers, synthetic, capfd):
     """Steps 2-5 of an epoch (as a resumed epoch reads them) through 2 workers: the local pipeline's 4
-    global batches, bit for bit, in its order."""
+    global batches, bit for bit, in its order, every one of them from the service (none computed here)."""
     source, stats = synthetic
     local = batches(data.train_pipeline(source, stats=stats, first_step=2, **EPOCH))
+    capfd.readouterr()
     served = batches(data.train_pipeline(source, stats=stats, first_step=2, service=data_service.on_service(
         two_workers), **EPOCH))
     assert len(local) == len(set(local)) == 4
     assert served == local
+    assert "computed here" not in capfd.readouterr().out
 
 
 @pytest.mark.slow  # Its workers' unfinished tasks hold the servers' stop for 5-30 s.
@@ -70,7 +72,8 @@ def test_each_input_pipeline_is_served_its_share_of_every_global_batch(two_worke
         assert pairs(served) == pairs(local)
 
 
-def test_a_silent_dispatcher_sources_the_workers_cannot_read_and_bad_flags_are_one_line(two_workers, free_port):
+def test_a_silent_dispatcher_sources_the_workers_cannot_read_and_bad_flags_are_one_line(two_workers, free_port,
+                                                                                        tmp_path, monkeypatch):
     synthetic = sources.load_source("synthetic", "train")
     with pytest.raises(UserError, match=f"no dispatcher answers at 127.0.0.1:{(port := free_port())}"):
         data_service.check_service(f"127.0.0.1:{port}", synthetic, "synthetic")
@@ -82,7 +85,12 @@ def test_a_silent_dispatcher_sources_the_workers_cannot_read_and_bad_flags_are_o
     with pytest.raises(UserError, match="read by Python code"):
         data_service.check_service(two_workers, python, "prepared")
     data_service.check_service(two_workers, synthetic, "synthetic")
-    with pytest.raises(UserError, match="--data_service must be HOST:PORT or grpc://HOST:PORT, got 'localhost'"):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()  # A relative folder: the workers would look for it in their own directory.
+    with pytest.raises(UserError, match="give its absolute path .*, not images"):
+        data_service.check_service(two_workers, synthetic, "images")
+    with pytest.raises(UserError, match=re.escape("--data_service must be HOST:PORT or grpc://HOST:PORT (a port up "
+                                                  "to 65535), got 'localhost'")):
         Config(data_service="localhost").validate()
     with pytest.raises(UserError, match="--cache with --data_service"):
         Config(data_service="grpc://localhost:5050", cache="memory").validate()
@@ -92,7 +100,8 @@ def test_a_silent_dispatcher_sources_the_workers_cannot_read_and_bad_flags_are_o
     ([], "usage: python -m keras_alexnet.data_service dispatcher|worker [flags]"),
     (["dispatcher"], "dispatcher needs --work_dir: where it journals its state, to survive a restart"),
     (["worker"], "worker needs --dispatcher=HOST:PORT"),
-    (["worker", "--dispatcher=localhost"], "--dispatcher must be HOST:PORT or grpc://HOST:PORT, got 'localhost'")])
+    (["worker", "--dispatcher=localhost"],
+     "--dispatcher must be HOST:PORT or grpc://HOST:PORT (a port up to 65535), got 'localhost'")])
 def test_the_programs_bad_flags_are_one_line(args, message):
     result = run_program("data_service", *args)
     assert (result.returncode, result.stderr.strip()) == (1, f"error: {message}")

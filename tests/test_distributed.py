@@ -338,9 +338,9 @@ def test_two_slurm_tasks_compute_what_one_replica_does(plan_a, tmp_path, free_po
 @pytest.mark.parametrize("devices", [["/device:CPU:0", "/device:CPU:1"], [f"/device:GPU:{i}" for i in range(4)]],
                          ids=["cpu_node", "4_gpus_a_task"])
 def test_the_slurm_resolver_runs_no_nvidia_smi_and_leaves_the_gpus_alone(monkeypatch, devices):
-    """Task 2 of a step of 3 tasks on 2 nodes: the cluster, task k of a node on port + k, without nvidia-smi (and
-    whether or not CUDA_VISIBLE_DEVICES is set), which it does not set either."""
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    """Task 2 of a step of 3 tasks on 2 nodes: the cluster, task k of a node on port + k, without nvidia-smi
+    and without setting CUDA_VISIBLE_DEVICES (unset here)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(subprocess, "check_output", lambda *args, **kwargs: pytest.fail("ran nvidia-smi"))
     for name, value in zip(distribute.SLURM_VARIABLES, ["2", "3", "node[1-2]", "2,1"]):
         monkeypatch.setenv(name, value)
@@ -419,6 +419,18 @@ def test_sigterm_on_a_gcp_gpu_vm_saves_and_stops(tmp_path, logical_cpus, monkeyp
     assert stopped.value.code == 143 and step < 6  # The handler saves a loop after it learns of the signal.
     assert tf.train.latest_checkpoint(tmp_path / checkpoint.CHECKPOINTS).endswith(f"-{step}")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The run's handler is gone with it.
+
+
+def test_a_run_on_a_gcp_cpu_vm_ends_cleanly(tmp_path, logical_cpus, monkeypatch):
+    """On a GCP CPU (or TPU) VM TensorFlow's handler starts no thread polling our SIGTERM flag: the run
+    still trains, ends and puts SIGTERM's handler back."""
+    monkeypatch.setattr(failure_handling_util, "detect_platform", lambda: failure_handling_util.PlatformDevice.GCE_CPU)
+    config = Config(**{**RUN, "epochs": 1, "steps_per_epoch": 1}, model_dir=str(tmp_path))
+    trainer.set_up_process(config)
+    run = trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
+    assert getattr(run.preemption, "_poll_termination_signal_thread", None) is None
+    run.fit()
+    assert run.step == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 # ----------------------------------------------------------------------------------------- GPU plans

@@ -127,6 +127,22 @@ def test_prepared_records_skip_the_checks_and_decode_as_with_them(prepared):
         np.testing.assert_array_equal(image, want)
 
 
+def test_only_prepares_own_folders_skip_the_checks(prepared, tmp_path):
+    """Another TFDS builder's folder (no prepare.json) is decoded with the checks; decode_prepared itself
+    takes nothing but a 256 x 256 JPEG (a PNG, which decode_jpeg would decode, or another size fail)."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(prepared[0], foreign)
+    (foreign / sources.PREPARE_FACTS).unlink()
+    assert sources.load_source(str(foreign), "train").load is preprocess.decode
+    square = drawing(256, 256, 1)
+    assert sources.decode_prepared(tf.constant(jpeg(square))).shape == (256, 256, 3)
+    png = io.BytesIO()
+    Image.fromarray(square).save(png, "PNG")
+    for wrong in (jpeg(drawing(256, 300, 1)), png.getvalue()):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            sources.decode_prepared(tf.constant(wrong))
+
+
 def test_the_shared_photos_are_within_the_bound(folder, prepared, photos):
     """Real photos: a 640 x 427 JPEG, 451 x 300 and 600 x 400 PNGs."""
     found = {path: d for path, d in differences(folder, prepared[0], "train").items() if "/photos/" in path}
