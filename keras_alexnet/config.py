@@ -6,15 +6,23 @@ builds it from its flags over a preset.
 """
 import dataclasses
 import math
+import re
 import typing
 
 import tensorflow as tf
 from absl import flags
 
-from keras_alexnet.data_service import check_address
 from keras_alexnet.errors import UserError
 
 FLAGS = flags.FLAGS
+ADDRESS = re.compile(r"(grpc://)?[\w.-]+:\d{1,5}")
+
+
+def check_address(address, flag="--data_service"):
+    """`address` (HOST:PORT, grpc:// optional) or a UserError naming `flag`."""
+    if not ADDRESS.fullmatch(address) or int(address.rsplit(":", 1)[1]) > 65535:
+        raise UserError(f"{flag} must be HOST:PORT or grpc://HOST:PORT (a port up to 65535), got {address!r}")
+    return address
 
 
 def option(default, help, choices=None):

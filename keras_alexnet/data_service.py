@@ -10,7 +10,6 @@ with the same --work_dir carries on its jobs. Each prints one line once it serve
 or Ctrl-C. `on_service` moves a training pipeline's decode and augmentation onto the workers.
 """
 import os
-import re
 import signal
 import socket
 import sys
@@ -20,19 +19,10 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import cli
+from keras_alexnet.config import check_address
 from keras_alexnet.errors import UserError
 
 FLAGS = flags.FLAGS
-ADDRESS = re.compile(r"(grpc://)?[\w.-]+:\d{1,5}")
-
-
-def check_address(address, flag="--data_service"):
-    """`address` (HOST:PORT, grpc:// optional) or a UserError naming `flag`."""
-    if not ADDRESS.fullmatch(address) or int(address.rsplit(":", 1)[1]) > 65535:
-        raise UserError(f"{flag} must be HOST:PORT or grpc://HOST:PORT (a port up to 65535), got {address!r}")
-    return address
-
-
 def check_dispatcher(address, flag):
     """`address` as HOST:PORT, or a UserError naming `flag` when no dispatcher answers there (TensorFlow
     would wait for it for an hour)."""
