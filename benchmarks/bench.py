@@ -16,6 +16,8 @@ import datetime
 import gc
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -295,27 +297,40 @@ def _per_core(dataset):
 
 def _pipeline_stages(rows, data_dir, images=960, rounds=3):
     """Images per core of each stage of the training input (issue 24's table), beside decoding alone:
-    on originals of ImageNet's size (from the shared photos) and on the same photos prepared at 256 x 256.
+    on originals of ImageNet's size (from the shared photos), on the same photos as 256 x 256 JPEG files,
+    and on those photos `prepare`d (array_record, decoded as `sources.decode_prepared` does).
 
     Stages, each `images` images (the files repeated): tf.io.decode_jpeg alone (the reference: the
     libjpeg-turbo limit), preprocess.decode_and_resize (header checks, Exif, section 2's rescale and crop),
-    the whole data.train_pipeline of a folder (reading, decoding, section 4.1's augmentation, batches of
-    32). Measured on one thread in alternating rounds, best of `rounds`; ratio = stage / decode alone.
+    the whole data.train_pipeline (reading, decoding, section 4.1's augmentation, batches of 32) as float32
+    images and as the trainer takes it (uint8 crops, made float32 on the devices by data.network_input).
+    Measured on one thread in alternating rounds, best of `rounds`; ratio = stage / decode alone.
     """
     with tempfile.TemporaryDirectory() as root:
         folders = _jpeg_folders(data_dir, root)
         if folders is None:
             return
+        subprocess.run([sys.executable, "-m", "keras_alexnet.prepare", f"--dataset={folders['originals']}",
+                        f"--output={root}/dataset", "--splits=train", "--processes=1"], check=True,
+                       stdout=subprocess.DEVNULL)
         stats = preprocess.Stats.imagenet()
+
+        def trainers(source):  # The whole pipeline, as float32 images and as the trainer takes it.
+            repeated = sources.random_access(images, lambda i: source.lookup(i % source.num_examples),
+                                             source.load, source.class_names)
+            return {"data.train_pipeline": data.train_pipeline(repeated, 32, stats),
+                    "data.train_pipeline, uint8 to the devices (the trainer's)": data.train_pipeline(
+                        repeated, 32, stats, to_float=False)}
+
         for kind, folder in folders.items():
             source = sources.load_source(str(folder), "train", val_fraction=0.0)
             files = tf.constant([path.read_bytes() for path in sorted(folder.glob("*/*.jpg"))])
             encoded = tf.data.Dataset.from_tensor_slices(files).repeat(images // len(files))
-            repeated = sources.random_access(images, lambda i: source.lookup(i % source.num_examples),
-                                             source.load, source.class_names)
             stages = {"tf.io.decode_jpeg alone": encoded.map(lambda data: tf.io.decode_jpeg(data, channels=3)),
-                      "preprocess.decode_and_resize": encoded.map(preprocess.decode_and_resize),
-                      "data.train_pipeline": data.train_pipeline(repeated, 32, stats)}
+                      "preprocess.decode_and_resize": encoded.map(preprocess.decode_and_resize), **trainers(source)}
+            if kind == "prepared":
+                stages.update({f"{what} of a prepare'd dataset": pipeline for what, pipeline in
+                               trainers(sources.load_source(f"{root}/dataset", "train")).items()})
             calls = {what: _per_core(dataset) for what, dataset in stages.items()}
             for call in calls.values():
                 call()  # Traces, warms up.
@@ -377,8 +392,8 @@ def bench_input_pipeline(rows, data_dir):
 
 def bench_data_service(rows, data_dir, count=640, batch_size=64):
     """The whole training pipeline on this host's cores, through TensorFlow's tf.data service (a
-    dispatcher and 2 workers in this process, on 127.0.0.1) against the local pipeline, alternating: the
-    ratio is the service's overhead (serialising float32 crops over gRPC on the same cores)."""
+    dispatcher and 2 workers in this process, on 127.0.0.1) against the local pipeline, alternating, both
+    as the trainer takes them (uint8 crops): the ratio is the service's overhead (gRPC on the same cores)."""
     folder = _imagenette(data_dir, "train", "tf.data service row")
     if folder is None:
         return
@@ -390,7 +405,7 @@ def bench_data_service(rows, data_dir, count=640, batch_size=64):
     stats, steps = preprocess.Stats.imagenet(), count // batch_size
 
     def one_pass(on_service=None):
-        batches = data.train_pipeline(source, batch_size, stats, steps=steps, service=on_service)
+        batches = data.train_pipeline(source, batch_size, stats, steps=steps, service=on_service, to_float=False)
         start = time.perf_counter()
         for _ in batches:
             pass

@@ -3,7 +3,8 @@
 One table of img/s on this process's device plan (--towers_per_replica, --cpu_devices, the GPUs):
   model: the trainer's loop of steps (make_train_loop through the strategy) on synthetic batches already on
       the replicas' devices, what the model can take;
-  training: the same loop fed by the training pipeline (data.train_pipeline) on --dataset;
+  training: the same loop fed by the training pipeline (data.train_pipeline) on --dataset, as the trainer
+      feeds it: uint8 crops, made float32 on the devices (data.network_input);
   pipeline: that pipeline alone, and per core.
 Every timed function is built once and run before it is timed. The verdict compares the pipeline alone with
 the model; on a CPU-only host both share the cores, so `training` is below either.
@@ -87,17 +88,20 @@ def measure(run, seconds):
     data.check_trainable(source, run.dataset, run.batch_size, strategy.num_replicas_in_sync)
     stats = preprocess.Stats.load(run.stats) if run.stats else preprocess.Stats.imagenet()
     step = train_step(plan, run, len(source.class_names), strategy)
-    loop = make_train_loop(strategy, step.replica_step, tf.Variable(0, dtype=tf.int64))
+    counter, means = tf.Variable(0, dtype=tf.int64), data.mean_pair(stats)
+    loop = make_train_loop(strategy, step.replica_step, counter)
+    fed_loop = make_train_loop(strategy, step.replica_step, counter,
+                               to_network=lambda batch: data.network_input(batch, means))
     synthetic = resident_batch(strategy, run.batch_size, len(source.class_names))
 
-    def pipeline(context=None):
+    def pipeline(context=None):  # As the trainer's: uint8 crops to the devices.
         return data.train_pipeline(source, run.batch_size, stats, seed=run.seed, pca_lighting=run.pca_lighting,
-                                   input_context=context).repeat()
+                                   input_context=context, to_float=False).repeat()
 
     steps, images = tf.constant(run.steps_per_loop), run.batch_size * run.steps_per_loop
     resident, fed = itertools.repeat(synthetic), iter(strategy.distribute_datasets_from_function(pipeline))
-    calls = {"model": (lambda: loop(resident, steps).numpy(), images),  # One iterator each: one trace each.
-             "training": (lambda: loop(fed, steps).numpy(), images),
+    calls = {"model": (lambda: loop(resident, steps).numpy(), images),  # One loop each: one trace each.
+             "training": (lambda: fed_loop(fed, steps).numpy(), images),
              "pipeline": (iter(pipeline()).__next__, run.batch_size)}
     print(f"devices: {describe(plan)}", flush=True)
     rates = []

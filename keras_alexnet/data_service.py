@@ -64,8 +64,8 @@ def on_service(address, window=16):
     address = check_address(address)
 
     def serve(first, last, make):
-        tagged = tf.data.Dataset.range(first, last).flat_map(
-            lambda step: make(tf.data.Dataset.from_tensors(step)).map(lambda *element: (step, element)))
+        tagged = tf.data.Dataset.range(first, last).flat_map(lambda step: tf.data.Dataset.zip(
+            tf.data.Dataset.from_tensors(step), make(tf.data.Dataset.from_tensors(step))))
         served = tagged.apply(tf.data.experimental.service.distribute(
             tf.data.experimental.service.ShardingPolicy.DYNAMIC, address))
         return _in_order(served, first, last, make, window)

@@ -283,14 +283,11 @@ def average_over_views(predict, views):
     return tf.reduce_mean(tf.reshape(outputs, [-1, tf.shape(views)[1], outputs.shape[-1]]), axis=1)
 
 
-def pca_lighting(image, alphas, stats):
-    """Section 4.1's lighting change: adds sum_i alpha_i * lambda_i * p_i to every pixel.
+def lighting_offset(eigenvectors, alphas, stats):
+    """Section 4.1's lighting change of one image: the RGB offset sum_i alpha_i * lambda_i * p_i, added to
+    every pixel (data.network_input).
 
-    image: float32 in 0-255 units; alphas: [3], drawn from N(0, 0.1) once per image. The eigen-figures
-    are of pixel values in 0-1, hence the factor 255. No clipping (the paper mentions none).
-    The [3] offset is added as rows of [W x 3] (the same sums): broadcasting [3] alone is 2x slower.
+    alphas: [3], drawn from N(0, 0.1) once per image; eigenvectors: tf.constant(stats.eigenvectors). The
+    eigen-figures are of pixel values in 0-1, hence the factor 255. No clipping (the paper mentions none).
     """
-    eigenvectors = tf.constant(stats.eigenvectors)
-    shift = tf.linalg.matvec(eigenvectors, tf.cast(alphas, tf.float32) * stats.eigenvalues) * 255.0
-    width = tf.shape(image)[-2]
-    return tf.reshape(tf.reshape(image, [-1, width * 3]) + tf.tile(shift, [width]), tf.shape(image))
+    return tf.linalg.matvec(eigenvectors, tf.cast(alphas, tf.float32) * stats.eigenvalues) * 255.0

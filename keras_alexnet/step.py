@@ -66,23 +66,28 @@ def make_train_step(strategy, model, optimizer, config):
     return step
 
 
-def make_train_loop(strategy, replica_step, step_counter):
+def make_train_loop(strategy, replica_step, step_counter, to_network=None):
     """A tf.function (distributed iterator, n) running n steps of `replica_step` (make_replica_step's);
     returns their totals summed over the steps and the replicas.
+
+    to_network: a replica's share of an iterator element -> (images, labels), run on the replica's device
+    (data.network_input: the pipeline's uint8 crops become the network's float32 there). None: the
+    elements are (images, labels).
 
     The host waits once per loop, not once per step (TF Model Garden's Orbit does the same), and the
     totals are summed over the replicas once per loop, not once per step: each replica keeps its own
     across the loop (across workers a reduction is a collective between hosts).
     """
 
-    def add_step(summed, images, labels):
+    def add_step(summed, element):
+        images, labels = to_network(element) if to_network else element
         return summed + replica_step(images, labels)
 
     @tf.function
     def loop(iterator, steps):
         summed = strategy.run(lambda: tf.zeros([len(metrics.TOTALS)]))
         for _ in tf.range(steps):
-            summed = strategy.run(add_step, (summed, *next(iterator)))
+            summed = strategy.run(add_step, (summed, next(iterator)))
             step_counter.assign_add(1)
         return strategy.reduce("SUM", summed, axis=None)
 

@@ -120,8 +120,9 @@ class Trainer:
         self._watch_for_sigterm()
         if changes:  # After the handler, which restores the latest checkpoint once more.
             self._apply(changes)
+        means = data.mean_pair(self.stats)  # The pipeline's uint8 crops become float32 on the devices.
         self.train_loop = make_train_loop(strategy, make_replica_step(self.model, self.optimizer, config),
-                                          self.state["step"])
+                                          self.state["step"], lambda batch: data.network_input(batch, means))
         self.eval_step = metrics.make_eval_step(strategy, self.model)
         if config.cache:
             self._fill_caches()
@@ -277,7 +278,8 @@ class Trainer:
                 self.train_source, config.batch_size, self.stats, seed=config.seed, epoch=epoch, first_step=done,
                 steps=self.steps_per_epoch, pca_lighting=config.pca_lighting, cache=config.cache,
                 input_context=ctx, shuffle_buffer=config.shuffle_buffer,
-                service=data_service.on_service(config.data_service) if config.data_service else None)))
+                service=data_service.on_service(config.data_service) if config.data_service else None,
+                to_float=False)))
         self.progress = progress.Progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch, done,
                                            config.batch_size, float(self.optimizer.learning_rate),
                                            traced=self.train_loop.experimental_get_tracing_count() > 0)

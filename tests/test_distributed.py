@@ -26,7 +26,7 @@ from tensorflow.python.distribute.failure_handling import failure_handling_util 
 from tensorflow.python.framework import config as tf_config  # disable_op_determinism: no public API.
 
 from conftest import NARROW
-from keras_alexnet import checkpoint, distribute, trainer
+from keras_alexnet import checkpoint, data, distribute, preprocess, sources, trainer
 from keras_alexnet.config import Config
 from keras_alexnet.errors import UserError
 from keras_alexnet.model import build_alexnet, feature_model, tower_variables
@@ -258,6 +258,31 @@ def test_a_loop_sums_its_totals_over_the_replicas_once(logical_cpus, monkeypatch
     totals = loop(iter(strategy.experimental_distribute_dataset(batches)), tf.constant(3))
     assert len(graphs) == 1 and not any("while" in name for name in graphs[0]), graphs
     assert float(totals[3]) == 3 * 8  # Every image of the 3 steps, counted once.
+
+
+@pytest.mark.slow
+def test_uint8_batches_made_float_on_the_replicas_train_as_the_float_pipeline(logical_cpus):
+    """The trainer's input: uint8 crops to each replica's device, made float32 there (data.network_input).
+    Three steps of plan (b) on them end with the weights of three steps on the float pipeline's batches,
+    bit for bit (the same float32 sums, on another device)."""
+    config = Config(**RUN)
+    source, stats = sources.load_source("synthetic", "train"), preprocess.Stats.imagenet()
+    stats.mean_image = np.random.default_rng(5).uniform(0, 255, stats.mean_image.shape).astype(np.float32)
+    weights = {}
+    for to_float in (True, False):
+        strategy, plan = new_strategy(2, logical_cpus)
+        model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed, width=config.width)
+        means = data.mean_pair(stats)
+        loop = make_train_loop(strategy, make_replica_step(model, optimizer, config), tf.Variable(0, dtype=tf.int64),
+                               None if to_float else lambda batch: data.network_input(batch, means))
+        batches = strategy.distribute_datasets_from_function(lambda context: data.train_pipeline(
+            source, config.batch_size, stats, seed=2, steps=3, input_context=context, to_float=to_float))
+        loop(iter(batches), tf.constant(3))
+        weights[to_float] = [v.numpy() for v in model.trainable_variables]
+    for got, want in zip(weights[False], weights[True], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(weights[True][0], model_and_sgd(*new_strategy(2, logical_cpus), config, init=config.init,
+                                                             seed=config.seed, width=config.width)[0].weights[0])
 
 
 # ----------------------------------------------------------------------------------------- workers
