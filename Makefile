@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,onnx]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx,portable]'
 	touch $(STAMP)
 
 # The demo: config.demo() (3 epochs of 32 steps of 32 synthetic images, 3,840 images in all).

@@ -27,5 +27,7 @@ setup(
         # requests in the tests (2.21 needs tensorflow >=2.21,<3).
         "dev": ["pytest>=8.0", "pytest-xdist>=3.6", "tensorflow-serving-api>=2.21"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],  # keras_alexnet.convert and its tests.
+        # export --formats (keras_alexnet.portable) and predict --model.
+        "portable": ["ai-edge-litert>=2.3", "tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.18"],
     },
 )

@@ -5,7 +5,7 @@ ratios, not absolute figures across runs or machines. Every timed function is bu
 before it is timed (tracing, XLA compilation and kernel caches stay out of the figures). Each bench_*
 function appends rows {what, ours, reference, ratio, unit}.
 
-    python benchmarks/bench.py [--data DIR] [--only lrn,training,pipeline,service,loop,export]
+    python benchmarks/bench.py [--data DIR] [--only lrn,training,pipeline,service,loop,export,formats]
 
 --data (default $ALEXNET_DATA, else ../shared/data beside the repository) holds
 imagenette2_224_subset and skimage_photos; the rows that need them are skipped, one printed line each,
@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import data, data_service, distribute, export, lrn, preprocess, sources
+from keras_alexnet import data, data_service, distribute, export, lrn, portable, preprocess, sources
 from keras_alexnet.benchmark import images_per_second, new_strategy, train_step
 from keras_alexnet.config import Config
 from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
@@ -463,10 +463,54 @@ def bench_export(rows, data_dir):
                      len(jpegs)))
 
 
+def _latency(call, calls=200):
+    """(p50, p99) in ms of `call`, timed one call at a time after 10 untimed ones."""
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - start))
+    return np.percentile(times, 50), np.percentile(times, 99)
+
+
+def bench_formats(rows, data_dir, calibration=64):
+    """The export's formats (keras_alexnet.portable; 1000 classes, random weights) against the SavedModel's
+    serving_default on the same pixels: batch-1 latency p50 and p99 over 200 calls, batch-32 img/s. LiteRT
+    runs XNNPACK and onnxruntime its CPU provider, both with threads = cores; int8 is calibrated on
+    `calibration` ImageNette training images (the count does not change the speed)."""
+    folder = _imagenette(data_dir, None, "export formats rows")
+    if folder is None:
+        return
+    model, stats = build_alexnet(1000, seed=0), preprocess.Stats.imagenet()
+    images = np.random.default_rng(0).uniform(0, 255, (32, *INPUT_SHAPE)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.export_saved_model(model, [str(i) for i in range(1000)], stats, tmp, 1, formats=portable.FORMATS,
+                                         calibration=portable.calibration_images(str(folder), None, calibration))
+        serving = tf.saved_model.load(path).signatures["serving_default"]
+        runs = {"TF SavedModel serving_default": lambda x: serving(images=tf.constant(x))["probabilities"].numpy()}
+        runs.update({f"{name} ({portable.FILES[name]})": portable.runtime(os.path.join(path, portable.FILES[name]))
+                     for name in portable.FILES})
+        reference = None
+        for what, run in runs.items():
+            p50, p99 = _latency(lambda: run(images[:1]))
+            run(images), run(images)
+            speed = images_per_second(lambda: run(images), len(images))
+            reference = reference or (p50, p99, speed)
+            rows.append({"what": f"{what}, batch 1 latency p50 vs the SavedModel's", "ours": round(p50, 2),
+                         "reference": round(reference[0], 2), "ratio": round(p50 / reference[0], 2), "unit": "ms"})
+            rows.append({"what": f"{what}, batch 1 latency p99 vs the SavedModel's", "ours": round(p99, 2),
+                         "reference": round(reference[1], 2), "ratio": round(p99 / reference[1], 2), "unit": "ms"})
+            rows.append({"what": f"{what}, batch 32 vs the SavedModel's", "ours": round(speed, 1),
+                         "reference": round(reference[2], 1), "ratio": round(speed / reference[2], 2),
+                         "unit": "img/s"})
+
+
 # ----------------------------------------------------------------------------------------- the table
 
 BENCHES = {"lrn": bench_lrn, "training": bench_training, "pipeline": bench_input_pipeline,
-           "service": bench_data_service, "loop": bench_loop, "export": bench_export}
+           "service": bench_data_service, "loop": bench_loop, "export": bench_export, "formats": bench_formats}
 
 
 def cpu_model():

@@ -25,6 +25,11 @@ def _stderr_dropped():
         os.close(saved)
 
 
+def quietly():
+    """In a quiet program, a block whose C++ libraries' lines (LiteRT's converter and interpreter) are dropped."""
+    return _stderr_dropped() if QUIET else contextlib.nullcontext()
+
+
 # A program: while `python -m keras_alexnet.X` imports this package, sys.argv[0] is "-m" (runpy sets the path
 # after). KERAS_ALEXNET_VERBOSE, where set, decides instead (0: quiet); it hands a program's choice on to its
 # child processes (ablate's variants).

@@ -1,6 +1,7 @@
 """python -m keras_alexnet.export: a trained run as a self-contained SavedModel for TensorFlow Serving.
 
     python -m keras_alexnet.export --model_dir=runs/demo --export_dir=export/alexnet [--version=N] [--ten_crop]
+        [--formats=saved_model,litert,litert_int8,onnx,onnx_int8] [--calibration_images=256]
 
 writes EXPORT_DIR/VERSION/ (TF Serving's layout; VERSION defaults to the checkpoint's training step)
 with four signatures over a batch of N images:
@@ -20,6 +21,9 @@ own patch of the mean image as in evaluate). The class names (a constant, and as
 the mean image travel inside, so serving needs no keras_alexnet; assets.extra/ holds TF Serving's
 warm-up requests (keras_alexnet.warmup).
 (`python -m keras_alexnet.make_npy` turns image files into saved_model_cli inputs.)
+--formats adds LiteRT and ONNX files of the same weights to the version directory (keras_alexnet.portable:
+the centre crop's pixels in, probabilities and fc7 out); the int8 ones are calibrated on
+--calibration_images of the run's training split (or of --calibration_dataset).
 """
 import os
 import tempfile
@@ -27,7 +31,7 @@ import tempfile
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, preprocess, warmup, weights
+from keras_alexnet import checkpoint, cli, portable, preprocess, warmup, weights
 from keras_alexnet.errors import UserError
 from keras_alexnet.files import atomic_write
 from keras_alexnet.model import INPUT_SHAPE, feature_model, towers_unplaced
@@ -145,8 +149,9 @@ def load_signature(saved_model, name, output):
 
 
 def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=False,
-                       max_megapixels=preprocess.MAX_MEGAPIXELS):
-    """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path.
+                       max_megapixels=preprocess.MAX_MEGAPIXELS, formats=("saved_model",), calibration=None):
+    """Writes the SavedModel to EXPORT_DIR/VERSION/ and returns that path; with `formats`, the LiteRT and
+    ONNX files of portable.FILES there too (int8 ones calibrated on `calibration` images).
 
     It is written beside it first and renamed into place, so a server watching EXPORT_DIR never
     loads half a model; an existing VERSION is replaced.
@@ -155,12 +160,18 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
     if version < 0:
         raise UserError(f"the version must be a non-negative integer, got {version}")
     path = os.path.join(export_dir, str(version))
-    module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
+    others = [name for name in formats if name != "saved_model"]
     with tempfile.TemporaryDirectory() as tmp, atomic_write(path) as staging:  # ".N.tmp": TF Serving ignores it.
-        checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
-        module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
-        tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
-        warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
+        if "saved_model" in formats:
+            module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
+            checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
+            module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
+            tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
+            warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
+        else:
+            tf.io.gfile.makedirs(staging)
+        if others:
+            portable.write_formats(model, stats, class_names, staging, others, calibration)
     return path
 
 
@@ -175,6 +186,11 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
     flags.DEFINE_float("max_megapixels", preprocess.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
                        "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
+    flags.DEFINE_list("formats", ["saved_model"], f"Any of {', '.join(portable.FORMATS)}: LiteRT and ONNX files "
+                      "of the same weights beside the SavedModel (keras_alexnet.portable).")
+    flags.DEFINE_integer("calibration_images", 256, "Images the int8 formats are calibrated on.")
+    flags.DEFINE_string("calibration_dataset", None, "Their dataset (its training split, centre crops); default: "
+                        "the run's --dataset.")
 
 
 @cli.reports_errors
@@ -184,13 +200,25 @@ def main(argv):
                          "image files into saved_model_cli inputs)")
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise UserError("--model_dir and --export_dir are required")
+    unknown = set(FLAGS.formats) - set(portable.FORMATS)
+    if unknown or not FLAGS.formats:
+        raise UserError(f"--formats takes {', '.join(portable.FORMATS)}; got {', '.join(FLAGS.formats) or 'none'}")
+    if FLAGS.calibration_images < 1:
+        raise UserError(f"--calibration_images must be positive, got {FLAGS.calibration_images}")
     model, run, step = weights.restore_model(FLAGS.model_dir, FLAGS.checkpoint)
     stats = preprocess.Stats.load(run.stats_path)
     version = step if FLAGS.version is None else FLAGS.version
     replaced = tf.io.gfile.exists(os.path.join(FLAGS.export_dir, str(version)))
+    calibration = None
+    if any(name.endswith("int8") for name in FLAGS.formats):
+        dataset = FLAGS.calibration_dataset or run.config.get("dataset")
+        if not dataset:
+            raise UserError(f"{FLAGS.model_dir} names no dataset to calibrate int8 on: give --calibration_dataset")
+        calibration = portable.calibration_images(dataset, run.config.get("data_dir"), FLAGS.calibration_images)
     path = export_saved_model(model, run.class_names, stats, FLAGS.export_dir, version, FLAGS.ten_crop,
-                              FLAGS.max_megapixels)
-    print(f"exported step {step} of {FLAGS.model_dir} to {path}")
+                              FLAGS.max_megapixels, FLAGS.formats, calibration)
+    print(f"exported step {step} of {FLAGS.model_dir} to {path}" + "".join(
+        f", {os.path.join(path, portable.FILES[name])}" for name in FLAGS.formats if name in portable.FILES))
     if replaced:
         print(f"replaced version {version}")
 

@@ -18,6 +18,9 @@ a matmul with a banded C x C matrix of ones, which is what CPUs and GPUs do fast
 rsqrt(d) * rsqrt(sqrt(d)), cheaper and as accurate as pow. Half-precision inputs are computed in float32
 (float64 ones in float64) and returned in their own dtype.
 """
+import contextlib
+import threading
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -38,8 +41,25 @@ def _inverse_power(d, beta):
     return tf.pow(d, -beta)
 
 
+_as_one_op = threading.local()
+
+
+@contextlib.contextmanager
+def as_one_op():
+    """In the block, LRN traces as `tf.nn.local_response_normalization` itself: one op, which LiteRT
+    (LOCAL_RESPONSE_NORMALIZATION) and ONNX (LRN) have, where the converters would otherwise quantise and
+    convert each of its parts (portable.py)."""
+    _as_one_op.on = True
+    try:
+        yield
+    finally:
+        _as_one_op.on = False
+
+
 def local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75):
     """Functional LRN over the last axis of `x`; same arguments and result as the tf.nn op."""
+    if getattr(_as_one_op, "on", False):
+        return tf.nn.local_response_normalization(x, depth_radius, bias, alpha, beta)
     dtype = x.dtype
     x = tf.cast(x, tf.float64 if dtype == tf.float64 else tf.float32)
     band = tf.cast(_band(x.shape[-1], depth_radius), x.dtype)

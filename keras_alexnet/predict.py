@@ -2,11 +2,14 @@
 
     python -m keras_alexnet.predict --saved_model export/alexnet/1 photos/ cat.jpg [--top_k 5]
         [--ten_crop] [--output predictions.csv | predictions.jsonl] [--batch_size 32]
+    python -m keras_alexnet.predict --model export/alexnet/1/model.tflite photos/   # or model.onnx
 
 This project's Caffe classify.py. Files named on the command line are read whatever their extension;
 folders are searched recursively for .jpg/.jpeg/.png/.gif/.bmp files, in sorted order. Images go to
 the SavedModel's predict_images signature in batches of encoded bytes: it decodes, resizes and crops
-them the way training does, so this needs no keras_alexnet model code. One line per image:
+them the way training does, so this needs no keras_alexnet model code. A LiteRT or ONNX file of
+`export --formats` (--model) takes the centre crop's pixels: they are decoded and cropped here, with the
+code evaluation uses (portable.pixels), and the file's runtime runs it. One line per image:
 
     photos/coffee.png: 41.20% n07920052 espresso | 12.07% n03063599 coffee mug | ...
 
@@ -30,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_alexnet import checkpoint, cli, export, sources
+from keras_alexnet import checkpoint, cli, export, portable, sources
 from keras_alexnet.errors import UserError
 from keras_alexnet.progress import ClearableBar
 
@@ -54,28 +57,40 @@ def list_files(paths):
 
 
 def load(saved_model, ten_crop=False):
-    """(predict_images signature, class names, whether it averages 10 crops) of an export."""
+    """(encoded images -> probabilities [N, C], class names, whether it averages 10 crops) of an export."""
     loaded, signature = export.load_signature(saved_model, SIGNATURE, "probabilities")
     exported_ten_crop = bool(getattr(loaded, "ten_crop", tf.constant(False)).numpy())
     if ten_crop and not exported_ten_crop:
         raise UserError(f"{saved_model} was not exported with --ten_crop: its {SIGNATURE} takes the centre "
                          "crop. Export again with `python -m keras_alexnet.export ... --ten_crop`, or drop --ten_crop")
     labels = checkpoint.read_labels(os.path.join(saved_model, "assets", checkpoint.LABELS))
-    return signature, labels, exported_ten_crop
+    return lambda data: signature(image_bytes=tf.constant(data))["probabilities"].numpy(), labels, exported_ten_crop
 
 
-def classify(signature, batch, skipped):
+def load_file(path, ten_crop=False):
+    """As `load`, of a .tflite or .onnx file of export --formats (labels.txt beside it): the centre crop."""
+    if ten_crop:
+        raise UserError("--ten_crop needs a SavedModel exported with --ten_crop: LiteRT and ONNX files take the "
+                         "centre crop")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {path} does not exist")
+    run_on = portable.runtime(path)
+    labels = checkpoint.read_labels(os.path.join(os.path.dirname(path), checkpoint.LABELS))
+    return (lambda data: run_on(np.stack([portable.pixels(tf.constant(one)).numpy() for one in data]))["probabilities"],
+            labels, False)
+
+
+def classify(predict, batch, skipped):
     """[(file, probabilities [C])] of a batch of (file, bytes); undecodable files go to `skipped`."""
     if not batch:
         return []
     try:
-        probabilities = signature(image_bytes=tf.constant([data for _, data in batch]))["probabilities"]
-        return list(zip([path for path, _ in batch], probabilities.numpy()))
+        return list(zip([path for path, _ in batch], predict([data for _, data in batch])))
     except tf.errors.InvalidArgumentError:  # One bad file fails its whole batch: find it alone.
         if len(batch) == 1:
             skipped.append(batch[0][0])
             return []
-        return [result for item in batch for result in classify(signature, [item], skipped)]
+        return [result for item in batch for result in classify(predict, [item], skipped)]
 
 
 def read_batch(files, skipped):
@@ -113,14 +128,14 @@ class Output:
         self.file.close()
 
 
-def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32):
+def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32, model=None):
     """Prints one line per image; returns (images classified, skipped files)."""
-    if not saved_model:
-        raise UserError("--saved_model is required")
+    if bool(saved_model) == bool(model):
+        raise UserError("give --saved_model (an export's version directory) or --model (a .tflite or .onnx file)")
     if top_k < 1 or batch_size < 1:
         raise UserError("--top_k and --batch_size must be positive")
     files = list_files(paths)
-    signature, labels, averaged = load(saved_model, ten_crop)
+    predict, labels, averaged = load_file(model, ten_crop) if model else load(saved_model, ten_crop)
     k = min(top_k, len(labels))
     writer = Output(output, k) if output else None
     batches = math.ceil(len(files) / batch_size)
@@ -128,7 +143,7 @@ def run(saved_model, paths, top_k=5, ten_crop=False, output=None, batch_size=32)
     try:
         for b in range(batches):
             batch = read_batch(files[b * batch_size:(b + 1) * batch_size], skipped)
-            for path, probabilities in classify(signature, batch, skipped):
+            for path, probabilities in classify(predict, batch, skipped):
                 ranked = np.argsort(-probabilities, kind="stable")[:k]
                 top = [(labels[i], int(i), float(probabilities[i])) for i in ranked]
                 progress.clear()
@@ -153,6 +168,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_string("saved_model", None, "SavedModel from keras_alexnet.export, e.g. export/alexnet/1.")
+    flags.DEFINE_string("model", None, "Or a LiteRT or ONNX file of export --formats, e.g. "
+                        "export/alexnet/1/model.tflite (labels.txt beside it).")
     flags.DEFINE_integer("top_k", 5, "Classes to print per image, most probable first.")
     flags.DEFINE_bool("ten_crop", False, "Require an export that averages section 4.1's ten views "
                       "(made with export --ten_crop); refuse one that takes the centre crop.")
@@ -162,7 +179,7 @@ def define_flags():
 
 @cli.reports_errors
 def main(argv):
-    run(FLAGS.saved_model, argv[1:], FLAGS.top_k, FLAGS.ten_crop, FLAGS.output, FLAGS.batch_size)
+    run(FLAGS.saved_model, argv[1:], FLAGS.top_k, FLAGS.ten_crop, FLAGS.output, FLAGS.batch_size, FLAGS.model)
 
 
 if __name__ == "__main__":
