@@ -88,10 +88,9 @@ def measure(run, seconds):
     data.check_trainable(source, run.dataset, run.batch_size, strategy.num_replicas_in_sync)
     stats = preprocess.Stats.load(run.stats) if run.stats else preprocess.Stats.imagenet()
     step = train_step(plan, run, len(source.class_names), strategy)
-    counter, means = tf.Variable(0, dtype=tf.int64), data.mean_pair(stats)
+    counter = tf.Variable(0, dtype=tf.int64)
     loop = make_train_loop(strategy, step.replica_step, counter)
-    fed_loop = make_train_loop(strategy, step.replica_step, counter,
-                               to_network=lambda batch: data.network_input(batch, means))
+    fed_loop = make_train_loop(strategy, step.replica_step, counter, data.device_input(stats, strategy))
     synthetic = resident_batch(strategy, run.batch_size, len(source.class_names))
 
     def pipeline(context=None):  # As the trainer's: uint8 crops to the devices.

@@ -192,7 +192,6 @@ def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, ste
     """
     steps = epoch_steps(source.num_examples, batch_size) if steps is None else steps
     source, _, loaded = _records(source, cache)
-    eigenvectors = tf.constant(stats.eigenvectors)
 
     def augment(index, image, ok, label):
         """The crop and flip in uint8, and what `network_input` needs for the rest: which patch of the mean
@@ -205,7 +204,7 @@ def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, ste
         image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
         left = tf.where(flip, IMAGE_SIZE - CROP_SIZE - left, left)
         alphas = tf.random.stateless_normal([3], keys[1], stddev=0.1)
-        offset = preprocess.lighting_offset(eigenvectors, alphas, stats) if pca_lighting else tf.zeros([3])
+        offset = preprocess.lighting_offset(alphas, stats) if pca_lighting else tf.zeros([3])
         return TrainingBatch(tf.ensure_shape(image, [CROP_SIZE, CROP_SIZE, 3]),
                              tf.stack([tf.cast(flip, tf.int32), top, left]), offset, tf.where(ok, label, -1))
 
@@ -242,16 +241,31 @@ def mean_pair(stats):
     return np.stack([stats.mean_image, stats.mean_image[:, ::-1]])
 
 
-@tf.function(jit_compile=True)
-def network_input(batch, means):
+def device_input(stats, strategy):
+    """make_train_loop's `to_network` for `strategy`'s replicas: network_input with the stats' mean image, as
+    XLA where the replicas are CPUs."""
+    means = mean_pair(stats)
+    on_cpus = all(tf.DeviceSpec.from_string(device).device_type == "CPU" for device in strategy.extended.worker_devices)
+    return lambda batch: network_input(batch, means, jit_compile=on_cpus)
+
+
+def network_input(batch, means, jit_compile=True):
     """A TrainingBatch -> (float32 images [b, 227, 227, 3], labels): each crop minus its patch of the mean,
     plus its lighting offset. The float32 sums of the whole image minus the mean, cropped, lit and
-    flipped. One XLA loop (on a CPU core 0.18 ms an image; as TensorFlow ops, 0.5-1.9)."""
+    flipped. jit_compile: as one XLA loop, for CPUs (0.18 ms an image on a core; as TensorFlow ops 0.76);
+    off on GPUs, where the ops are cheap and XLA would need CUDA's ptxas."""
+    return (_network_input_xla if jit_compile else _network_input)(batch, means)
+
+
+def _network_input(batch, means):
     rows = tf.reshape(means, [2 * IMAGE_SIZE, IMAGE_SIZE, 3])
     flipped, top, left = tf.unstack(batch.patches[:, :, None], axis=1)
     patches = tf.gather(rows, flipped * IMAGE_SIZE + top + tf.range(CROP_SIZE))  # [b, 227, 256, 3]
     patches = tf.gather(patches, left + tf.range(CROP_SIZE), axis=2, batch_dims=1)
     return tf.cast(batch.crops, tf.float32) - patches + batch.offsets[:, None, None], batch.labels
+
+
+_network_input_xla = tf.function(_network_input, jit_compile=True)
 
 
 def eval_steps(num_examples, batch_size):

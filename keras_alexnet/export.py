@@ -160,16 +160,13 @@ def export_saved_model(model, class_names, stats, export_dir, version, ten_crop=
     if version < 0:
         raise UserError(f"the version must be a non-negative integer, got {version}")
     path = os.path.join(export_dir, str(version))
-    others = [name for name in formats if name != "saved_model"]
+    others = portable.check_formats(formats)
+    module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
     with tempfile.TemporaryDirectory() as tmp, atomic_write(path) as staging:  # ".N.tmp": TF Serving ignores it.
-        if "saved_model" in formats:
-            module = serving_module(model, class_names, stats, ten_crop, max_megapixels)
-            checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
-            module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
-            tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
-            warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
-        else:
-            tf.io.gfile.makedirs(staging)
+        checkpoint.write_labels(os.path.join(tmp, checkpoint.LABELS), class_names)
+        module.labels = tf.saved_model.Asset(os.path.join(tmp, checkpoint.LABELS))
+        tf.saved_model.save(module, staging, signatures={name: getattr(module, name) for name in SIGNATURES})
+        warmup.write_requests(staging, os.path.basename(os.path.normpath(export_dir)))
         if others:
             portable.write_formats(model, stats, class_names, staging, others, calibration)
     return path
@@ -186,8 +183,8 @@ def define_flags():  # Not at import: train.py imports this module and has flags
     flags.DEFINE_bool("ten_crop", False, "Bytes signatures average section 4.1's 10 views, not the centre crop.")
     flags.DEFINE_float("max_megapixels", preprocess.MAX_MEGAPIXELS, "Bytes signatures refuse larger images, by "
                        "their header, before decoding (a decoded pixel costs 3 bytes, more while resizing).")
-    flags.DEFINE_list("formats", ["saved_model"], f"Any of {', '.join(portable.FORMATS)}: LiteRT and ONNX files "
-                      "of the same weights beside the SavedModel (keras_alexnet.portable).")
+    flags.DEFINE_list("formats", ["saved_model"], f"saved_model and any of {', '.join(portable.FILES)}: LiteRT "
+                      "and ONNX files of the same weights beside the SavedModel (keras_alexnet.portable).")
     flags.DEFINE_integer("calibration_images", 256, "Images the int8 formats are calibrated on.")
     flags.DEFINE_string("calibration_dataset", None, "Their dataset (its training split, centre crops); default: "
                         "the run's --dataset.")
@@ -200,9 +197,7 @@ def main(argv):
                          "image files into saved_model_cli inputs)")
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise UserError("--model_dir and --export_dir are required")
-    unknown = set(FLAGS.formats) - set(portable.FORMATS)
-    if unknown or not FLAGS.formats:
-        raise UserError(f"--formats takes {', '.join(portable.FORMATS)}; got {', '.join(FLAGS.formats) or 'none'}")
+    portable.check_formats(FLAGS.formats)
     if FLAGS.calibration_images < 1:
         raise UserError(f"--calibration_images must be positive, got {FLAGS.calibration_images}")
     model, run, step = weights.restore_model(FLAGS.model_dir, FLAGS.checkpoint)

@@ -46,14 +46,14 @@ _as_one_op = threading.local()
 
 @contextlib.contextmanager
 def as_one_op():
-    """In the block, LRN traces as `tf.nn.local_response_normalization` itself: one op, which LiteRT
-    (LOCAL_RESPONSE_NORMALIZATION) and ONNX (LRN) have, where the converters would otherwise quantise and
-    convert each of its parts (portable.py)."""
-    _as_one_op.on = True
+    """In the block, LRN traces as `tf.nn.local_response_normalization` itself: one op, which LiteRT has
+    (LOCAL_RESPONSE_NORMALIZATION, float32 only), where its int8 converter would quantise each part of ours
+    (portable.py's int8 file). Forward only: the op's gradient is TensorFlow's, not ours."""
+    before, _as_one_op.on = getattr(_as_one_op, "on", False), True
     try:
         yield
     finally:
-        _as_one_op.on = False
+        _as_one_op.on = before
 
 
 def local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75):

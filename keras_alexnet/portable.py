@@ -11,6 +11,7 @@ int8 (litert_int8, onnx_int8): post-training quantisation of the weights and act
 a run's training images drawn as evaluation draws them (the centre crop). Inputs and outputs stay float32.
 """
 import contextlib
+import importlib
 import json
 import os
 
@@ -28,6 +29,26 @@ FORMATS = ("saved_model", *FILES)
 CONTRACT = "input.json"
 ONNX_OPSET = 17
 IMAGES = tf.TensorSpec([None, *INPUT_SHAPE], tf.float32, name="images")
+
+
+def check_formats(formats):
+    """The formats besides the SavedModel, once the packages that write them import; a UserError for an
+    unknown one, a list without saved_model (the version directory is replaced whole) or a missing package."""
+    if not set(formats) <= set(FORMATS) or "saved_model" not in formats:
+        raise UserError(f"--formats takes saved_model and any of {', '.join(FILES)}; "
+                        f"got {', '.join(formats) or 'none'}")
+    others = [name for name in FILES if name in formats]
+    for package in ["tf2onnx", "onnx", "onnxruntime"] if any(name.startswith("onnx") for name in others) else []:
+        _package(package)
+    return others
+
+
+def _package(name):
+    """The module `name` of the portable extra, or a UserError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{name} is not installed (LiteRT and ONNX need it): pip install -e '.[portable]'") from None
 
 
 def pixels(image_bytes):
@@ -67,12 +88,13 @@ def pixels_function(model, stats, lrn_as_one_op=False):
 
 def calibration_images(dataset, data_dir, count):
     """float32 [count, 227, 227, 3]: the first `count` readable images of `dataset`'s training split (its
-    fixed order, shuffled by seed for a folder), centre-cropped as evaluation crops them."""
+    fixed order: for a folder, shuffled by seed 0), centre-cropped as evaluation crops them."""
     source = sources.load_source(dataset, "train", data_dir)
     images, _ = sources.decoded_images(source)
     crops = np.stack([preprocess.center_crop(image).numpy() for image, _ in images.take(count)]).astype(np.float32)
     if len(crops) < count:
-        raise UserError(f"--calibration_images={count}, but {dataset}'s training split has {len(crops)} readable images")
+        raise UserError(f"--calibration_images={count}, but {dataset}'s training split has {len(crops)} readable "
+                        "images")
     return crops
 
 
@@ -96,9 +118,7 @@ def onnx(model, stats, path):
     233 MB), but converts a graph without them in a second. onnxruntime's basic offline optimisation
     (constant folding, semantics-preserving and not hardware-specific) then folds their layout transposes.
     """
-    import onnx as onnx_files
-    import onnxruntime
-    import tf2onnx
+    numpy_helper, onnxruntime, tf2onnx = (_package(name) for name in ("onnx.numpy_helper", "onnxruntime", "tf2onnx"))
     both = _outputs(model)
     weights, fixed = both.trainable_variables, [v.value for v in both.non_trainable_variables]
     specs = [IMAGES] + [tf.TensorSpec(w.shape, w.dtype, name=f"weight{i}") for i, w in enumerate(weights)]
@@ -113,7 +133,7 @@ def onnx(model, stats, path):
     inputs = {graph_input.name: graph_input for graph_input in proto.graph.input}
     for spec, weight in zip(specs[1:], weights):
         proto.graph.input.remove(inputs[spec.name])
-        proto.graph.initializer.append(onnx_files.numpy_helper.from_array(weight.numpy(), spec.name))
+        proto.graph.initializer.append(numpy_helper.from_array(weight.numpy(), spec.name))
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = path
@@ -124,10 +144,9 @@ def onnx_int8(float_path, path, calibration):
     """onnxruntime's static quantisation of the ONNX file at `float_path` into `path` (QDQ, int8 weights per
     channel, uint8 activations), calibrated on `calibration` images. LRN's nodes stay float32: its parts
     quantised one by one (a window-sum matmul, powers) lose most of its precision."""
-    import onnx as onnx_files
-    from onnxruntime import quantization
-    lrn_nodes = [node.name for node in onnx_files.load(float_path, load_external_data=False).graph.node
-                 if "/lrn" in node.name]
+    quantization = _package("onnxruntime.quantization")
+    lrn_nodes = [node.name for node in _package("onnx").load(float_path).graph.node if "/lrn" in node.name]
+    assert lrn_nodes, f"no LRN node in {float_path}: tf2onnx names them otherwise now"
 
     class Images(quantization.CalibrationDataReader):
         def __init__(self):
@@ -145,10 +164,9 @@ def onnx_int8(float_path, path, calibration):
 
 def write_formats(model, stats, class_names, directory, formats, calibration=None):
     """Writes each of `formats` (FILES' keys) into `directory`, with input.json and labels.txt."""
-    module = pixels_function(model, stats)
     if "litert" in formats:
         with open(os.path.join(directory, FILES["litert"]), "wb") as f:
-            f.write(litert(module))
+            f.write(litert(pixels_function(model, stats)))
     if "litert_int8" in formats:
         with open(os.path.join(directory, FILES["litert_int8"]), "wb") as f:
             f.write(litert(pixels_function(model, stats, lrn_as_one_op=True), calibration))
@@ -173,19 +191,29 @@ def write_formats(model, stats, class_names, directory, formats, calibration=Non
 
 def runtime(path):
     """A .tflite or .onnx file -> (images [N, 227, 227, 3] float32 -> {"probabilities", "fc7"} as numpy),
-    run by LiteRT (XNNPACK) or onnxruntime on this process's cores."""
+    run by LiteRT (XNNPACK) or onnxruntime on this process's cores; a UserError for a file that is neither."""
     threads = len(os.sched_getaffinity(0))
     if path.endswith(".tflite"):
-        from ai_edge_litert.interpreter import Interpreter
-        with quietly():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." at the first call.
-            runner = Interpreter(model_path=path, num_threads=threads).get_signature_runner()
-            runner(images=np.zeros([1, *INPUT_SHAPE], np.float32))
+        interpreter = _package("ai_edge_litert.interpreter").Interpreter
+        try:
+            with quietly():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." at the first call.
+                runner = interpreter(model_path=path, num_threads=threads).get_signature_runner()
+                runner(images=np.zeros([1, *INPUT_SHAPE], np.float32))
+        except (ValueError, RuntimeError) as error:  # What LiteRT raises for a file that is no model of its.
+            raise _not_a_model(path, error) from None
         return lambda images: runner(images=np.asarray(images, np.float32))
-    if path.endswith(".onnx"):
-        import onnxruntime
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
+    if not path.endswith(".onnx"):
+        raise UserError(f"--model must be a .tflite or .onnx file of export --formats, got {path}")
+    onnxruntime, errors = _package("onnxruntime"), _package("onnxruntime.capi.onnxruntime_pybind11_state")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        names = [output.name for output in session.get_outputs()]
-        return lambda images: dict(zip(names, session.run(names, {"images": np.asarray(images, np.float32)})))
-    raise UserError(f"--model must be a .tflite or .onnx file of export --formats, got {path}")
+    except (errors.InvalidProtobuf, errors.InvalidGraph, errors.Fail) as error:
+        raise _not_a_model(path, error) from None
+    names = [output.name for output in session.get_outputs()]
+    return lambda images: dict(zip(names, session.run(names, {"images": np.asarray(images, np.float32)})))
+
+
+def _not_a_model(path, error):
+    return UserError(f"{path} is not a model file of export --formats: {' '.join(str(error).split())[:200]}")

@@ -283,11 +283,11 @@ def average_over_views(predict, views):
     return tf.reduce_mean(tf.reshape(outputs, [-1, tf.shape(views)[1], outputs.shape[-1]]), axis=1)
 
 
-def lighting_offset(eigenvectors, alphas, stats):
+def lighting_offset(alphas, stats):
     """Section 4.1's lighting change of one image: the RGB offset sum_i alpha_i * lambda_i * p_i, added to
     every pixel (data.network_input).
 
-    alphas: [3], drawn from N(0, 0.1) once per image; eigenvectors: tf.constant(stats.eigenvectors). The
-    eigen-figures are of pixel values in 0-1, hence the factor 255. No clipping (the paper mentions none).
+    alphas: [3], drawn from N(0, 0.1) once per image. The eigen-figures are of pixel values in 0-1, hence
+    the factor 255. No clipping (the paper mentions none).
     """
-    return tf.linalg.matvec(eigenvectors, tf.cast(alphas, tf.float32) * stats.eigenvalues) * 255.0
+    return tf.linalg.matvec(tf.constant(stats.eigenvectors), tf.cast(alphas, tf.float32) * stats.eigenvalues) * 255.0

@@ -26,7 +26,8 @@ Source.__doc__ = """A split of a dataset, in a fixed order.
 
 records: tf.data.Dataset of (payload, int32 label), cheap to hold: a file path, the encoded bytes, a
     synthetic image's index, or a decoded image.
-load: payload -> uint8 [256, 256, 3], in-graph; it fails on a bad file (`load_images` catches that).
+load: payload -> uint8 [256, 256, 3], in-graph; it fails on a bad file (`load_images` catches that, but
+    for `decode_prepared`, whose records prepare checked).
 class_names: list of str, index = label.
 num_examples: the number of records (files that turn out corrupt are included).
 lookup: int64 indices [n] -> (payloads [n, ...], labels [n]), those records, in-graph: random access, so

