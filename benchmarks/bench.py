@@ -231,7 +231,7 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
     iterator = iter(bare.strategy.distribute_datasets_from_function(lambda context: data.train_pipeline(
         source, batch_size, stats, cache="memory", input_context=context, to_float=False).repeat()))
     loop = make_train_loop(bare.strategy, bare.replica_step, tf.Variable(0, dtype=tf.int64),
-                           data.device_input(stats, bare.strategy))  # As the trainer feeds it.
+                           data.float_images(stats, bare.strategy))  # As the trainer feeds it.
     rows.append(_row(f"make_train_loop, batch {batch_size}, {loop_steps} steps a call on the training "
                      "pipeline (640 images in memory) vs as many bare steps, alternating",
                      lambda: loop(iterator, tf.constant(loop_steps)).numpy(),

@@ -90,7 +90,7 @@ def measure(run, seconds):
     step = train_step(plan, run, len(source.class_names), strategy)
     counter = tf.Variable(0, dtype=tf.int64)
     loop = make_train_loop(strategy, step.replica_step, counter)
-    fed_loop = make_train_loop(strategy, step.replica_step, counter, data.device_input(stats, strategy))
+    fed_loop = make_train_loop(strategy, step.replica_step, counter, data.float_images(stats, strategy))
     synthetic = resident_batch(strategy, run.batch_size, len(source.class_names))
 
     def pipeline(context=None):  # As the trainer's: uint8 crops to the devices.

@@ -181,7 +181,7 @@ def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, ste
     `steps` (default: all) global batches of `batch_size`; an image's crop, flip and lighting come
     from stateless ops keyed by (seed, epoch, image index). So a run resumed at `first_step` sees the
     images it had not seen yet, with the augmentation it would have had.
-    to_float=False: the batches stay uint8 to the devices, as `TrainingBatch`es, which `network_input`
+    to_float=False: the batches stay uint8 to the devices, as `TrainingBatch`es, which `float_images`
         turns into the float32 images on each replica's device (the trainer; a quarter of the bytes).
     input_context: tf.distribute's (distribute_datasets_from_function): this worker's per-replica
         batches, b = batch_size / replicas; otherwise b = batch_size.
@@ -221,8 +221,7 @@ def train_pipeline(source, batch_size, stats, seed=0, epoch=0, first_step=0, ste
         batches = service(first_step, steps, lambda step_numbers: augmented(epoch_records(
             source, batch_size, steps, seed, epoch, step_numbers=step_numbers)).batch(share)).rebatch(replica_batch)
     if to_float:
-        means = mean_pair(stats)
-        batches = batches.map(lambda batch: network_input(batch, means), num_parallel_calls=AUTOTUNE)
+        batches = batches.map(float_images(stats), num_parallel_calls=AUTOTUNE)
     return batches.prefetch(AUTOTUNE)
 
 
@@ -235,25 +234,22 @@ change of each image (zeros without it); labels: int32 [b], -1 for an image that
 """
 
 
-def mean_pair(stats):
-    """float32 [2, 256, 256, 3]: the mean image, and flipped left-right (`network_input`'s `means`; numpy,
-    so that a graph using it holds it as a constant on its own device)."""
-    return np.stack([stats.mean_image, stats.mean_image[:, ::-1]])
-
-
-def device_input(stats, strategy):
-    """make_train_loop's `to_network` for `strategy`'s replicas: network_input with the stats' mean image, as
-    XLA where the replicas are CPUs."""
-    means = mean_pair(stats)
-    on_cpus = all(tf.DeviceSpec.from_string(device).device_type == "CPU" for device in strategy.extended.worker_devices)
-    return lambda batch: network_input(batch, means, jit_compile=on_cpus)
+def float_images(stats, strategy=None):
+    """TrainingBatch -> (float32 images, labels): `network_input` with the stats' mean image and its mirror.
+    make_train_loop's `to_network` for `strategy`'s replicas (XLA where they are CPUs), or without one the
+    host's (XLA). The means are numpy, so that a graph using them holds them as a constant on its device."""
+    means = np.stack([stats.mean_image, stats.mean_image[:, ::-1]])
+    jit_compile = strategy is None or all(tf.DeviceSpec.from_string(device).device_type == "CPU"
+                                          for device in strategy.extended.worker_devices)
+    return lambda batch: network_input(batch, means, jit_compile)
 
 
 def network_input(batch, means, jit_compile=True):
-    """A TrainingBatch -> (float32 images [b, 227, 227, 3], labels): each crop minus its patch of the mean,
-    plus its lighting offset. The float32 sums of the whole image minus the mean, cropped, lit and
-    flipped. jit_compile: as one XLA loop, for CPUs (0.18 ms an image on a core; as TensorFlow ops 0.76);
-    off on GPUs, where the ops are cheap and XLA would need CUDA's ptxas."""
+    """A TrainingBatch -> (float32 images [b, 227, 227, 3], labels): each crop minus its patch of `means`
+    (float32 [2, 256, 256, 3]: the mean image, and flipped left-right), plus its lighting offset: the
+    float32 sums of the whole image minus the mean, cropped, lit and flipped. jit_compile: as one XLA
+    loop, for CPUs (0.18 ms an image on a core; as TensorFlow ops 0.76); off on GPUs, where the ops are
+    cheap and XLA would need CUDA's ptxas."""
     return (_network_input_xla if jit_compile else _network_input)(batch, means)
 
 

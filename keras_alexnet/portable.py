@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from keras_alexnet import checkpoint, lrn, preprocess, quietly, sources
 from keras_alexnet.errors import UserError
+from keras_alexnet.files import write_file
 from keras_alexnet.model import INPUT_SHAPE, towers_unplaced
 
 FILES = {"litert": "model.tflite", "litert_int8": "model_int8.tflite", "onnx": "model.onnx",
@@ -163,13 +164,15 @@ def onnx_int8(float_path, path, calibration):
 
 
 def write_formats(model, stats, class_names, directory, formats, calibration=None):
-    """Writes each of `formats` (FILES' keys) into `directory`, with input.json and labels.txt."""
+    """Writes each of `formats` (FILES' keys) into `directory`, with input.json and labels.txt; the int8
+    ones need `calibration` images."""
+    if calibration is None and any(name.endswith("int8") for name in formats):
+        raise UserError(f"int8 formats ({', '.join(formats)}) need calibration images")
     if "litert" in formats:
-        with open(os.path.join(directory, FILES["litert"]), "wb") as f:
-            f.write(litert(pixels_function(model, stats)))
+        write_file(os.path.join(directory, FILES["litert"]), litert(pixels_function(model, stats)))
     if "litert_int8" in formats:
-        with open(os.path.join(directory, FILES["litert_int8"]), "wb") as f:
-            f.write(litert(pixels_function(model, stats, lrn_as_one_op=True), calibration))
+        write_file(os.path.join(directory, FILES["litert_int8"]),
+                   litert(pixels_function(model, stats, lrn_as_one_op=True), calibration))
     if "onnx" in formats or "onnx_int8" in formats:
         float_path = os.path.join(directory, FILES["onnx"] if "onnx" in formats else ".float.onnx")
         onnx(model, stats, float_path)
@@ -184,8 +187,7 @@ def write_formats(model, stats, class_names, directory, formats, calibration=Non
         "outputs": {"probabilities": [None, len(class_names)], "fc7": [None, 4096]},
         "labels": checkpoint.LABELS, "files": {name: FILES[name] for name in formats},
     }
-    with open(os.path.join(directory, CONTRACT), "w") as f:
-        json.dump(contract, f, indent=1)
+    write_file(os.path.join(directory, CONTRACT), json.dumps(contract, indent=1))
     checkpoint.write_labels(os.path.join(directory, checkpoint.LABELS), class_names)
 
 

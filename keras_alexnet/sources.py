@@ -317,6 +317,7 @@ def load_images(records, load):
     if load is decode_prepared:
         return records.map(lambda index, payload, label: (index, load(payload), tf.constant(True), label),
                            num_parallel_calls=AUTOTUNE)
+
     def try_load(index, payload, label):
         count = tf.shape(index)[0]
         loaded = (tf.data.Dataset.from_tensor_slices((tf.range(count), payload)).map(

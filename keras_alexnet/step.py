@@ -71,7 +71,7 @@ def make_train_loop(strategy, replica_step, step_counter, to_network=None):
     returns their totals summed over the steps and the replicas.
 
     to_network: a replica's share of an iterator element -> (images, labels), run on the replica's device
-    (data.network_input: the pipeline's uint8 crops become the network's float32 there). None: the
+    (data.float_images: the pipeline's uint8 crops become the network's float32 there). None: the
     elements are (images, labels).
 
     The host waits once per loop, not once per step (TF Model Garden's Orbit does the same), and the

@@ -121,7 +121,7 @@ class Trainer:
         if changes:  # After the handler, which restores the latest checkpoint once more.
             self._apply(changes)
         self.train_loop = make_train_loop(strategy, make_replica_step(self.model, self.optimizer, config),
-                                          self.state["step"], data.device_input(self.stats, strategy))
+                                          self.state["step"], data.float_images(self.stats, strategy))
         self.eval_step = metrics.make_eval_step(strategy, self.model)
         if config.cache:
             self._fill_caches()

@@ -274,7 +274,7 @@ def test_uint8_batches_made_float_on_the_replicas_train_as_the_float_pipeline(lo
         model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed, width=config.width)
         initial = model.trainable_variables[0].numpy()
         loop = make_train_loop(strategy, make_replica_step(model, optimizer, config), tf.Variable(0, dtype=tf.int64),
-                               None if to_float else data.device_input(stats, strategy))  # As the trainer's.
+                               None if to_float else data.float_images(stats, strategy))  # As the trainer's.
         batches = strategy.distribute_datasets_from_function(lambda context: data.train_pipeline(
             source, config.batch_size, stats, seed=2, steps=3, input_context=context, to_float=to_float))
         loop(iter(batches), tf.constant(3))
