@@ -18,9 +18,6 @@ a matmul with a banded C x C matrix of ones, which is what CPUs and GPUs do fast
 rsqrt(d) * rsqrt(sqrt(d)), cheaper and as accurate as pow. Half-precision inputs are computed in float32
 (float64 ones in float64) and returned in their own dtype.
 """
-import contextlib
-import threading
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -41,25 +38,8 @@ def _inverse_power(d, beta):
     return tf.pow(d, -beta)
 
 
-_as_one_op = threading.local()
-
-
-@contextlib.contextmanager
-def as_one_op():
-    """In the block, LRN traces as `tf.nn.local_response_normalization` itself: one op, which LiteRT has
-    (LOCAL_RESPONSE_NORMALIZATION, float32 only), where its int8 converter would quantise each part of ours
-    (portable.py's int8 file). Forward only: the op's gradient is TensorFlow's, not ours."""
-    before, _as_one_op.on = getattr(_as_one_op, "on", False), True
-    try:
-        yield
-    finally:
-        _as_one_op.on = before
-
-
 def local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75):
     """Functional LRN over the last axis of `x`; same arguments and result as the tf.nn op."""
-    if getattr(_as_one_op, "on", False):
-        return tf.nn.local_response_normalization(x, depth_radius, bias, alpha, beta)
     dtype = x.dtype
     x = tf.cast(x, tf.float64 if dtype == tf.float64 else tf.float32)
     band = tf.cast(_band(x.shape[-1], depth_radius), x.dtype)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet.lrn import (LocalResponseNormalization, TowerLocalResponseNormalization, as_one_op,
+from keras_alexnet.lrn import (LocalResponseNormalization, TowerLocalResponseNormalization,
                                local_response_normalization)
 
 CASES = [  # shape, depth_radius, bias, alpha, beta
@@ -138,16 +138,3 @@ def test_tower_lrn_is_each_half_of_the_lrn_of_both_towers():
     assert relative_error(own[..., :46], want[..., :46]) < 1e-6 and relative_error(own, want[..., :48]) > 1e-3
     config = TowerLocalResponseNormalization(1, bias=1.0, alpha=2e-5).get_config()
     assert TowerLocalResponseNormalization.from_config(config).tower == 1
-
-
-def test_as_one_op_traces_tensorflows_own_op_with_the_same_result():
-    """What LiteRT's int8 converter gets for LRN (portable.py): one LRN op, not the window-sum matmul and
-    powers, computing the same LRN (the paper's constants, and Caffe's alpha and k)."""
-    x = tf.random.stateless_normal([2, 5, 5, 16], [1, 2], stddev=30.0)
-    for layer in (LocalResponseNormalization(), LocalResponseNormalization(alpha=1e-4 / 5, bias=1.0)):
-        plain = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape))
-        with as_one_op():
-            one = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape))
-        ops = lambda function: {op.type for op in function.graph.get_operations()}
-        assert "LRN" in ops(one) and "MatMul" not in ops(one) and "LRN" not in ops(plain) and "MatMul" in ops(plain)
-        np.testing.assert_allclose(one(x), plain(x), rtol=1e-5)

@@ -55,6 +55,18 @@ def test_the_files_and_their_contract(files, bvlc_run):
     assert sizes["litert_int8"] < sizes["litert"] / 3.5 and sizes["onnx_int8"] < sizes["onnx"] / 3.5, sizes
 
 
+def test_litert_int8_quantises_every_weight_and_keeps_lrn_in_float32(files):
+    """Selective quantisation (portable.litert): the 10 convolutions' and 5 dense layers' weights in int8,
+    LRN's ops (the square, the powers, the product) float32 in both towers of both LRN layers."""
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
+    tensors = interpreter(model_path=str(files / portable.FILES["litert_int8"])).get_tensor_details()
+    dtypes = {tensor["name"]: tensor["dtype"] for tensor in tensors}
+    lrn = [dtypes[name] for name in dtypes if re.search(r"/lrn\d_[ab]_1/(Square|Rsqrt|mul_2)$", name)]
+    weights = [dtypes[name] for name in dtypes if re.search(r"/(conv\d|fc\d)(_[ab])?_1/(convolution|MatMul)$", name)]
+    assert len(lrn) == 2 * 2 * 3 and set(lrn) == {np.float32}, lrn
+    assert len(weights) == 10 + 5 and set(weights) == {np.int8}, weights
+
+
 @pytest.mark.parametrize("name", ["litert", "onnx"])
 def test_float32_files_give_the_saved_models_outputs(files, bvlc_export, photos, name):
     images = photo_pixels(photos)
@@ -83,10 +95,11 @@ def test_int8_files_keep_fc7_and_the_top_class(files, name):
     agreement = np.mean(full["probabilities"].argmax(1) == int8["probabilities"].argmax(1))
     print(f"{name}_int8 against float32 on {len(images)} ImageNette images: fc7 cosine min {cosine.min():.4f} "
           f"mean {cosine.mean():.4f}; top-1 agreement {agreement:.1%}")
-    # The issue's bounds are fc7 cosine >= 0.99 and top-1 agreement >= 95%. Measured here (AVX-512 VNNI): cosine
-    # 0.9996 at least, agreement 96.0% (LiteRT) and 95.5% (onnxruntime), that is 1-2 images over it. So the test
-    # holds the cosine to the issue's bound and the agreement to 90%, which a quantisation gone wrong misses (LRN
-    # quantised op by op gave 72%): other CPUs' int8 kernels may round a close top-2 the other way.
+    # The target is fc7 cosine >= 0.99 and top-1 agreement >= 95%. On all 1,000 ImageNette validation images
+    # this random-weight net's top-1 agrees 94.7% in both runtimes, and 93.1-95.2% with every calibration and
+    # choice of float32 layers tried (BUILD.md): its top two are within 2.5% of each other on 2.5% of the
+    # images, which a cosine of 0.9997 flips. So the test holds the cosine to the target and the agreement to
+    # 90%, which a quantisation gone wrong misses (LRN quantised op by op gave 72%).
     assert cosine.min() >= 0.99 and agreement >= 0.90, (cosine.min(), agreement)
 
 
