@@ -30,18 +30,25 @@ from keras_alexnet.errors import UserError
 FILE_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError)
 BAD_INPUT_MESSAGE = re.compile(r"assertion failed: \[|is not a directory|Not a directory|Is a directory|"
                                r"No space left on device")
+# A UserError raised in a tf.numpy_function (sources.py's array_record reads: a damaged file) arrives as an
+# UnknownError whose message holds "DataError: <its message>" and the function's traceback.
+USER_ERROR_IN_GRAPH = re.compile(r"\b(?:UserError|DataError): (.*)")
 
 
 def is_bad_input(error):
     """Whether `error` is about something the user gave (a flag, a file, data), not a bug."""
     if isinstance(error, (UserError, OSError) + FILE_ERRORS):
         return True
-    return isinstance(error, tf.errors.OpError) and bool(BAD_INPUT_MESSAGE.search(error.message))
+    return isinstance(error, tf.errors.OpError) and bool(BAD_INPUT_MESSAGE.search(error.message)
+                                                         or USER_ERROR_IN_GRAPH.search(error.message))
 
 
 def one_line(error):
     """The first line of an error's message; of an OpError, its own message, not the graph's context."""
     text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+    raised_in_graph = USER_ERROR_IN_GRAPH.search(text) if isinstance(error, tf.errors.OpError) else None
+    if raised_in_graph:
+        return raised_in_graph.group(1).strip()
     lines = [line for line in text.splitlines() if line.strip() and not line[0].isspace()
              and not line.startswith(("Graph execution error:", "Detected at node"))]
     line = lines[0].strip() if lines else type(error).__name__

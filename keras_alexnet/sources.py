@@ -278,7 +278,11 @@ def _builder_source(builder, name, split, val_fraction, part, load=decode):
         examples = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
 
         def read_examples(indices):
-            chosen = examples.__getitems__(indices.tolist())
+            try:
+                chosen = examples.__getitems__(indices.tolist())
+            except RuntimeError as error:  # array_record checks each chunk's hash as it reads.
+                raise DataError(f"{_damaged_file(examples, indices)} is damaged ({' '.join(str(error).split())}): "
+                                "delete it and run prepare again, which writes it anew") from None
             return (np.array([e[image_key] for e in chosen], object),
                     np.array([e[label_key] for e in chosen], np.int32))
 
@@ -295,6 +299,19 @@ def _builder_source(builder, name, split, val_fraction, part, load=decode):
         return records.map(lambda data, label: (data, tf.cast(label, tf.int32)))
 
     return Source(read(), load, list(class_names), num_examples, shuffled=read)
+
+
+def _damaged_file(examples, indices):
+    """The file of the first of `indices` that a TFDS array_record data source fails to read."""
+    from tensorflow_datasets.core.data_sources import base
+    files = base.file_instructions(examples.dataset_info, examples.split)
+    ends = np.cumsum([file.take for file in files])
+    for index in indices:
+        try:
+            examples[int(index)]
+        except RuntimeError:
+            return files[int(np.searchsorted(ends, index, side="right"))].filename
+    return "a file of the split"  # Read one by one, each was readable: the failure was of the batch read.
 
 
 def indexed_records(source):

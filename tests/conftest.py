@@ -164,8 +164,9 @@ def run_program(module, *args, cwd=None):
         for number, handler in handlers.items():
             signal.signal(number, handler)
         flag_values.unparse_flags()
-        for name in set(flag_values) - defined:
-            delattr(flag_values, name)
+        for name in set(flag_values) - defined:  # The program's, not a library's it imported (grain's stay with it).
+            if flag_values.find_module_defining_flag(name, "").startswith(("keras_alexnet", "__main__")):
+                delattr(flag_values, name)
         gc.collect()  # The program's model and pipelines: gone with it, as with a process.
     return subprocess.CompletedProcess([module, *args], returncode, stdout.getvalue(), stderr.getvalue())
 

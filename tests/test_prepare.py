@@ -169,6 +169,30 @@ def test_classes_corrupt_file_and_random_access(folder, prepared):
     assert [p.name for p in directory.iterdir() if "array_record" in p.name and p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
+def test_a_damaged_shard_is_named_in_one_line_and_prepare_writes_it_anew(folder, prepared, tmp_path):
+    """A byte flipped in a shard (a disk's damage): array_record's hash check fails the read, and the
+    program names the file in one line instead of a traceback through tf.numpy_function. Deleted as the
+    line says, prepare writes that shard alone again."""
+    directory, _ = prepared
+    damaged = tmp_path / "prepared"
+    shutil.copytree(directory, damaged)
+    shard = sorted(damaged.glob("*-train.array_record-*"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = run_program("stats", f"--dataset={damaged}", f"--output={tmp_path / 'stats.npz'}")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: {shard} is damaged (") and result.stderr.endswith(
+        "): delete it and run prepare again, which writes it anew\n"), result.stderr
+    assert not (tmp_path / "stats.npz").exists()
+    shard.unlink()
+    result = prepare(folder, damaged, "--shard_size=4")
+    assert result.returncode == 0 and result.stdout.startswith(f"{damaged}: 1 shards of 4 images to write, "), \
+        result.stdout + result.stderr[-2000:]
+    assert run_program("stats", f"--dataset={damaged}", f"--output={tmp_path / 'stats.npz'}").returncode == 0
+
+
 def test_stats_are_those_of_the_stored_training_images(prepared):
     directory, _ = prepared
     written = preprocess.Stats.load(str(directory / "stats.npz"))
