@@ -90,6 +90,7 @@ def test_mismatches_are_one_user_error(caffe_run, tmp_path):
         AlexNet(classifier_activation="sigmoid")
 
 
+@pytest.mark.slow
 def test_keras_files_round_trip(caffe_run, images, tmp_path, logical_cpus):
     """Both LRN layers, OnTower and ReplicaDropout load in a process that imported keras_alexnet only."""
     models = {"paper": AlexNet(seed=0, **NARROW), "caffe": AlexNet(weights=caffe_run[0])}

@@ -25,7 +25,8 @@ def folder(root, images_per_class):
     return root
 
 
-@pytest.mark.parametrize("dataset", [pytest.param("synthetic", marks=pytest.mark.slow), "folder"])
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["synthetic", "folder"])
 def test_the_table_and_its_verdict_agree(tmp_path, dataset):
     """Every rate positive, its share of the model's and its rate per core from the same figures; the verdict
     names the pipeline's share (4 logical CPUs: 2 replicas x 2 towers)."""

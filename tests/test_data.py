@@ -286,6 +286,7 @@ def test_same_seed_same_batches_other_seed_differs():
     assert not np.array_equal(first[1][:32], first[1][32:64])
 
 
+@pytest.mark.slow
 def test_cache_gives_the_same_batches_and_shards(tmp_path):
     rng = np.random.default_rng(7)
     source = constant_source(list(rng.integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)))

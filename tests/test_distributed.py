@@ -235,6 +235,7 @@ def test_xla_runs_replicas_of_one_device(logical_cpus):
     assert float(totals[3]) == 8 and np.isfinite(float(totals[0]))  # 8 images, a finite loss.
 
 
+@pytest.mark.slow
 def test_a_loop_sums_its_totals_over_the_replicas_once(logical_cpus, monkeypatch):
     """Each replica keeps its totals across the loop's steps; the one reduction (across workers, a collective
     between hosts) is traced outside the loop's body, not in every step."""
@@ -426,6 +427,7 @@ def test_sigterm_to_one_worker_saves_both_and_resumes(plan_d, tmp_path, free_por
     assert_same_computation(final_checkpoint(tmp_path), final_checkpoint(plan_d[1]))
 
 
+@pytest.mark.slow
 def test_sigterm_on_a_gcp_gpu_vm_saves_and_stops(tmp_path, logical_cpus, monkeypatch, capsys):
     """TensorFlow's handler, finding a GCP GPU VM, polls the maintenance events and leaves SIGTERM alone (the
     signal would end the run unsaved): it polls our SIGTERM flag instead, with no grace period. The run exits
@@ -502,7 +504,8 @@ print(json.dumps({"plan": distribute.describe(plan), "replicas": strategy.num_re
 """
 
 
-@pytest.mark.parametrize("count, towers", [(2, 2), (4, 2), (8, 1)])
+@pytest.mark.parametrize("count, towers", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow),
+                                           pytest.param(8, 1, marks=pytest.mark.slow)])
 def test_two_workers_on_faked_gpus_run_every_replica_over_nccl(count, towers, free_port, tmp_path):
     """Two worker processes under TF_CONFIG, each told it has `count` GPUs: each worker's plan (the line the
     trainer logs) names each of its replicas, the strategy runs that many, and the all-reduce asks for NCCL."""
@@ -563,6 +566,7 @@ def fc6_masks(strategy, plan, images):
     return [m.numpy() for m in strategy.experimental_local_results(masks())]
 
 
+@pytest.mark.slow
 def test_dropout_differs_between_replicas_and_repeats_with_the_seed(logical_cpus):
     strategy = tf.distribute.MirroredStrategy(logical_cpus[:2])
     plan = {d: [d, d] for d in logical_cpus[:2]}
@@ -642,6 +646,7 @@ def mixed_float16_step(devices, images, labels):
             [m.numpy() for m in optimizer.inner_optimizer.momentums], float(optimizer.dynamic_scale.numpy()))
 
 
+@pytest.mark.slow
 def test_a_float16_overflow_on_one_replica_skips_the_step_on_all(policy, logical_cpus):
     """Replica 1's half of the batch overflows float16 (pixels of 1e5, above its largest 65504), replica 0's does not: every
     replica skips the step and halves the scale, as one device given the whole batch does. (Keras's
@@ -657,6 +662,7 @@ def test_a_float16_overflow_on_one_replica_skips_the_step_on_all(policy, logical
             assert not slot.any()
 
 
+@pytest.mark.slow
 def test_a_mixed_float16_step_of_two_replicas_is_one_replicas_step(policy, logical_cpus):
     """Without overflow, 2 replicas take the step of 1 to 2e-3 of each variable's step size: float16's
     rounding (2^-11 = 4.9e-4 a product) summed in another order; seen: 7.9e-4."""

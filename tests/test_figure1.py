@@ -40,6 +40,7 @@ def numbers(cell):
     return [float(v) for v in re.findall(r"[-+]?\d+\.\d+", cell)]
 
 
+@pytest.mark.slow
 def test_tiny_run_tables_and_figure_follow_from_the_histories(tmp_path):
     result = run_program("figure1", "--dataset=synthetic", "--max_images=32", "--epochs=2", "--seeds=2",
                          "--learning_rates=0.003,0.03", f"--output_dir={tmp_path}")

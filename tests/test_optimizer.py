@@ -94,6 +94,7 @@ def test_keras_decoupled_weight_decay_is_ten_times_weaker():
     assert 9 < runs["paper"][1] / runs["keras"][1] < 10  # 200 steps: 10 times, but for the transient of v.
 
 
+@pytest.mark.slow
 def test_fit_takes_the_trainers_steps(logical_cpus):
     """3 steps of model.fit with PaperSGD are 3 steps of the trainer's make_train_step, from the same weights
     on the same batches: the same loss (the batch's mean of Keras's cross-entropy of the softmax output, which

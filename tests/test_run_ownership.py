@@ -95,8 +95,8 @@ def two_checkpoints(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("how", [pytest.param("cut", marks=pytest.mark.slow), "index",
-                                 pytest.param("bytes", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["cut", "index", "bytes"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, tmp_path, how):
     """Every reader of a run falls back; the trainer's resume (the same restore_intact) is run for a cut file,
     what a kill in the middle of a write leaves."""
@@ -183,6 +183,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk):
         (run / "checkpoints" / "ckpt-9_temp").mkdir()
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_cache_fills_stops_within_seconds(tmp_path):
     """The fill of 2,560 images takes a minute; SIGTERM ends it within 64 images, exit 0, and leaves
     no partial cache file."""

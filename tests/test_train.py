@@ -247,6 +247,7 @@ def tiny_run(model_dir, dataset=None, logical_cpus=None, **changes):
     return trainer.Trainer(Config(**settings), strategy, plan).fit()
 
 
+@pytest.mark.slow
 def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_cpus):
     run = tmp_path / "run"
     tiny_run(run, image_folder(tmp_path / "abc", ["ant", "bee", "cat"]), logical_cpus)
@@ -269,6 +270,7 @@ def test_a_run_directory_refuses_to_resume_as_something_else(tmp_path, logical_c
     assert int(tf.train.latest_checkpoint(run / "checkpoints").rsplit("-", 1)[1]) == 1
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_flags_that_change_what_the_run_computes(tmp_path, logical_cpus):
     run = tmp_path / "run"
     tiny_run(run, "synthetic", logical_cpus)
