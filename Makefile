@@ -19,9 +19,9 @@ train: install
 	$(PY) -m keras_alexnet.train --preset=demo
 
 # TEST_WORKERS processes (pytest-xdist; a module to one, so its fixtures are built once; each takes up
-# to 6 GB); passed tests' directories are removed.
+# to 6 GB); passed tests' directories are removed; the 15 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(PY) -m pytest -q tests -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 test: install
 	$(PYTEST)

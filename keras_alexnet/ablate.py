@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 
 import numpy as np
 import tensorflow as tf
@@ -201,7 +202,12 @@ def run_ablation(base, names, output_dir, seeds):
                 and len(read_history(config.model_dir)) >= config.epochs):
             child = processes.Process(target=train_variant, args=(config,))
             child.start()
-            child.join()
+            try:
+                child.join()
+            finally:  # The ablate stopped (Ctrl-C, SIGTERM): so is its run, which saves as train does on SIGTERM.
+                if child.is_alive():
+                    child.terminate()
+                    child.join()
             if child.exitcode:
                 raise UserError(f"variant {name}, seed {seed} failed with exit code {child.exitcode} (its error "
                                 "is above)")
@@ -225,6 +231,7 @@ def main(argv):
         raise UserError(f"--variants: choose one or more of {', '.join(VARIANTS)}, not "
                         f"{', '.join(sorted(unknown)) or 'none'}")
     base = config.config_from_flags()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # As Ctrl-C: its run is stopped with it.
     run_ablation(base, FLAGS.variants, FLAGS.output_dir, seed_list(FLAGS.seeds, base.seed))
 
 

@@ -4,9 +4,10 @@ output is the program's own lines, and GPU memory is taken as needed, not all of
     @cli.reports_errors
     def main(argv): ...
 
-Bad input (`is_bad_input`) is an errors.UserError (the product's refusals), an OSError (missing,
-read-only, a file where a folder belongs, ...), and TensorFlow's errors about files, a full disk or a
-failed tf.debugging.Assert of ours; its line is the first of its message (without the graph dump).
+Bad input (`is_bad_input`) is an errors.UserError (the product's refusals, also when raised inside a
+tf.numpy_function), an OSError (missing, read-only, a file where a folder belongs, ...), and TensorFlow's
+errors about files, a full disk or a failed tf.debugging.Assert of ours; its line is the first of its
+message (without the graph dump).
 Ctrl-C is a line `interrupted` and status 130. Anything else is a bug and keeps its traceback.
 
 In a program (keras_alexnet.QUIET) absl's and TensorFlow's Python loggers print errors only, unless
@@ -30,25 +31,35 @@ from keras_alexnet.errors import UserError
 FILE_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.DataLossError)
 BAD_INPUT_MESSAGE = re.compile(r"assertion failed: \[|is not a directory|Not a directory|Is a directory|"
                                r"No space left on device")
-# A UserError raised in a tf.numpy_function (sources.py's array_record reads: a damaged file) arrives as an
-# UnknownError whose message holds "DataError: <its message>" and the function's traceback.
-USER_ERROR_IN_GRAPH = re.compile(r"\b(?:UserError|DataError): (.*)")
 
 
 def is_bad_input(error):
     """Whether `error` is about something the user gave (a flag, a file, data), not a bug."""
     if isinstance(error, (UserError, OSError) + FILE_ERRORS):
         return True
-    return isinstance(error, tf.errors.OpError) and bool(BAD_INPUT_MESSAGE.search(error.message)
-                                                         or USER_ERROR_IN_GRAPH.search(error.message))
+    return isinstance(error, tf.errors.OpError) and (bool(BAD_INPUT_MESSAGE.search(error.message))
+                                                     or raised_in_graph(error) is not None)
+
+
+def raised_in_graph(error):
+    """The message of a UserError raised in a tf.numpy_function (sources.py's array_record reads), else None.
+    TensorFlow gives it as an OpError whose message holds the function's traceback; its last line is the
+    error that ended it ("keras_alexnet.preprocess.DataError: ..."), after any it was raised from."""
+    if not isinstance(error, tf.errors.OpError) or "Traceback (most recent call last):" not in error.message:
+        return None
+    lines = [line for line in error.message.splitlines() if line.strip() and not line[0].isspace()]
+    name, _, message = lines[-1].partition(": ")
+    module, _, class_name = name.rpartition(".")
+    raised = getattr(sys.modules.get(module) if module.startswith("keras_alexnet.") else None, class_name, None)
+    return message if isinstance(raised, type) and issubclass(raised, UserError) else None
 
 
 def one_line(error):
     """The first line of an error's message; of an OpError, its own message, not the graph's context."""
+    raised = raised_in_graph(error)
+    if raised is not None:
+        return raised
     text = error.message if isinstance(error, tf.errors.OpError) else str(error)
-    raised_in_graph = USER_ERROR_IN_GRAPH.search(text) if isinstance(error, tf.errors.OpError) else None
-    if raised_in_graph:
-        return raised_in_graph.group(1).strip()
     lines = [line for line in text.splitlines() if line.strip() and not line[0].isspace()
              and not line.startswith(("Graph execution error:", "Detected at node"))]
     line = lines[0].strip() if lines else type(error).__name__

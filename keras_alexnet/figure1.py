@@ -46,8 +46,10 @@ def load_split(dataset, split, max_images=None):
     centre crop (section 2's rule at 32 pixels; CIFAR-10's images are unchanged). Unreadable files are skipped."""
     source = sources.load_source(dataset, split)
     records = source.records.take(max_images) if max_images else source.records
-    images = records.map(lambda payload, label: (resize_and_crop(source.load(payload), SIZE), label),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    images = records.interleave(  # Each image's decode errors ignored alone: a record that cannot be read is an error.
+        lambda payload, label: tf.data.Dataset.from_tensors((payload, label)).map(
+            lambda payload, label: (resize_and_crop(source.load(payload), SIZE), label)).ignore_errors(),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = list(images.batch(1024).as_numpy_iterator())
     if not batches:
         raise UserError(f"{dataset} ({split}) has no readable images")

@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras_alexnet import checkpoint, preprocess, quietly, sources
 from keras_alexnet.errors import UserError
 from keras_alexnet.files import write_file
+from keras_alexnet.lrn import LocalResponseNormalization
 from keras_alexnet.model import INPUT_SHAPE, towers_unplaced
 
 FILES = {"litert": "model.tflite", "litert_int8": "model_int8.tflite", "onnx": "model.onnx",
@@ -96,28 +97,37 @@ def calibration_images(dataset, data_dir, count):
     return crops
 
 
-def litert(module, calibration=None):
-    """The LiteRT flatbuffer (bytes) of `module.run` (pixels_function); int8 with `calibration` images
-    [n, 227, 227, 3]: int8 weights and activations everywhere but in LRN, which stays float32.
+def lrn_parts(model, names):
+    """Of `names` (a converted graph's ops or nodes), those of the model's LRN layers, which the int8 files
+    keep float32: quantised one by one, its parts (a window-sum matmul, powers) lose most of its precision.
+    None for a net without LRN (ablate's no_lrn)."""
+    layers = [layer.name for layer in model.layers  # Each in its tower's wrapper (model.OnTower), or not.
+              if isinstance(getattr(layer, "layer", layer), LocalResponseNormalization)]
+    parts = [name for name in names if any(f"/{layer}_" in name for layer in layers)]
+    if layers and not parts:
+        raise RuntimeError(f"no op of the LRN layers {layers} in the converted graph: the converter names them "
+                           "otherwise now")
+    return parts
 
-    LRN's parts quantised one by one (a window-sum matmul, powers) lose most of its precision, and LiteRT's
-    own LRN op (float32 only) costs 12 of an int8 image's 17 ms on a CPU; so its ops are left out of the
-    quantisation by TensorFlow's selective quantisation (the QuantizationDebugger's denylisted_nodes: the
-    names of LRN's ops in the traced graph are the names of their tensors in the file) and run in float32
-    on XNNPACK, as in the float32 file."""
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.run.get_concrete_function()], module)
+
+def litert(model, stats, calibration=None):
+    """The LiteRT flatbuffer (bytes) of pixels_function(model, stats); int8 with `calibration` images
+    [n, 227, 227, 3]: int8 weights and activations but in LRN (lrn_parts), by TensorFlow's selective
+    quantisation (the QuantizationDebugger's denylisted_nodes: the names of LRN's ops in the traced graph
+    are those of their tensors in the file). LRN's float32 ops run on XNNPACK, as in the float32 file."""
+    module = pixels_function(model, stats)
+    function = module.run.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
     with quietly():  # Its C++ prints what it quantises.
         if calibration is None:
             return converter.convert()
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([image[None]] for image in calibration)
-        lrn_ops = [op.name for op in module.run.get_concrete_function().graph.get_operations() if "/lrn" in op.name]
-        assert lrn_ops, "no LRN op in the traced graph: Keras names the layers otherwise now"
+        options = tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_nodes=lrn_parts(model, [op.name for op in function.graph.get_operations()]))
         with warnings.catch_warnings():  # It runs tf.lite.Interpreter, which warns that it is deprecated.
             warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter is deprecated", UserWarning)
-            debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter, debug_dataset=lambda: iter([[calibration[:1]]]),
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=lrn_ops))
+            debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_options=options)
         return debugger.get_nondebug_quantized_model()
 
 
@@ -151,13 +161,12 @@ def onnx(model, stats, path):
     onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_int8(float_path, path, calibration):
-    """onnxruntime's static quantisation of the ONNX file at `float_path` into `path` (QDQ, int8 weights per
-    channel, uint8 activations), calibrated on `calibration` images. LRN's nodes stay float32: its parts
-    quantised one by one (a window-sum matmul, powers) lose most of its precision."""
+def onnx_int8(model, float_path, path, calibration):
+    """onnxruntime's static quantisation of the ONNX file of `model` at `float_path` into `path` (QDQ, int8
+    weights per channel, uint8 activations), calibrated on `calibration` images; LRN's nodes (lrn_parts)
+    stay float32."""
     quantization = _package("onnxruntime.quantization")
-    lrn_nodes = [node.name for node in _package("onnx").load(float_path).graph.node if "/lrn" in node.name]
-    assert lrn_nodes, f"no LRN node in {float_path}: tf2onnx names them otherwise now"
+    lrn_nodes = lrn_parts(model, [node.name for node in _package("onnx").load(float_path).graph.node])
 
     class Images(quantization.CalibrationDataReader):
         def __init__(self):
@@ -179,15 +188,14 @@ def write_formats(model, stats, class_names, directory, formats, calibration=Non
     if calibration is None and any(name.endswith("int8") for name in formats):
         raise UserError(f"int8 formats ({', '.join(formats)}) need calibration images")
     if "litert" in formats:
-        write_file(os.path.join(directory, FILES["litert"]), litert(pixels_function(model, stats)))
+        write_file(os.path.join(directory, FILES["litert"]), litert(model, stats))
     if "litert_int8" in formats:
-        write_file(os.path.join(directory, FILES["litert_int8"]),
-                   litert(pixels_function(model, stats), calibration))
+        write_file(os.path.join(directory, FILES["litert_int8"]), litert(model, stats, calibration))
     if "onnx" in formats or "onnx_int8" in formats:
         float_path = os.path.join(directory, FILES["onnx"] if "onnx" in formats else ".float.onnx")
         onnx(model, stats, float_path)
         if "onnx_int8" in formats:
-            onnx_int8(float_path, os.path.join(directory, FILES["onnx_int8"]), calibration)
+            onnx_int8(model, float_path, os.path.join(directory, FILES["onnx_int8"]), calibration)
         if "onnx" not in formats:
             os.remove(float_path)
     contract = {

@@ -94,7 +94,8 @@ def load_source(dataset, split, data_dir=None, val_fraction=0.1, seed=0, class_n
         import tensorflow_datasets as tfds  # Slow to import; only needed here.
         ours = tf.io.gfile.exists(os.path.join(dataset, PREPARE_FACTS))  # Else another TFDS builder's folder.
         source = _builder_source(tfds.builder_from_directory(dataset), dataset, split, val_fraction, part,
-                                 load=decode_prepared if ours else decode)
+                                 "delete it and run prepare again, which writes it anew" if ours
+                                 else "write the dataset again", load=decode_prepared if ours else decode)
     elif tf.io.gfile.exists(os.path.join(dataset, PREPARE_FACTS)):
         raise DataError(f"{dataset} is a python -m keras_alexnet.prepare that has not finished: run it again")
     elif tf.io.gfile.isdir(dataset):
@@ -246,7 +247,7 @@ def _tfds_source(name, split, data_dir, val_fraction, part):
             f"TFDS dataset {name!r} is not prepared in {builder.data_dir}: run `tfds build {name}"
             f"{' --data_dir=' + data_dir if data_dir else ''}`{manual} (or call "
             f"tfds.builder({name!r}).download_and_prepare())")
-    return _builder_source(builder, name, split, val_fraction, part)
+    return _builder_source(builder, name, split, val_fraction, part, f"rebuild it: tfds build {name} --overwrite")
 
 
 def decode_prepared(image_bytes):
@@ -259,8 +260,9 @@ def decode_prepared(image_bytes):
     return tf.ensure_shape(image, [IMAGE_SIZE, IMAGE_SIZE, 3])
 
 
-def _builder_source(builder, name, split, val_fraction, part, load=decode):
-    """The Source of a prepared TFDS builder's split: by index from array_record files, else in order."""
+def _builder_source(builder, name, split, val_fraction, part, remedy, load=decode):
+    """The Source of a prepared TFDS builder's split: by index from array_record files, else in order.
+    `remedy`: what a DataError for an array_record file that cannot be read tells the user to do."""
     import tensorflow_datasets as tfds
     splits = builder.info.splits
     if split in ("train", "validation") and "validation" not in splits and "train" in splits:
@@ -281,8 +283,10 @@ def _builder_source(builder, name, split, val_fraction, part, load=decode):
             try:
                 chosen = examples.__getitems__(indices.tolist())
             except RuntimeError as error:  # array_record checks each chunk's hash as it reads.
-                raise DataError(f"{_damaged_file(examples, indices)} is damaged ({' '.join(str(error).split())}): "
-                                "delete it and run prepare again, which writes it anew") from None
+                path = _unreadable_file(examples, indices)
+                if path is None:  # Each record reads alone: not a damaged file.
+                    raise
+                raise DataError(f"{path} cannot be read ({' '.join(str(error).split())}): {remedy}") from None
             return (np.array([e[image_key] for e in chosen], object),
                     np.array([e[label_key] for e in chosen], np.int32))
 
@@ -301,8 +305,8 @@ def _builder_source(builder, name, split, val_fraction, part, load=decode):
     return Source(read(), load, list(class_names), num_examples, shuffled=read)
 
 
-def _damaged_file(examples, indices):
-    """The file of the first of `indices` that a TFDS array_record data source fails to read."""
+def _unreadable_file(examples, indices):
+    """The file of the first of `indices` that a TFDS array_record data source fails to read, or None."""
     from tensorflow_datasets.core.data_sources import base
     files = base.file_instructions(examples.dataset_info, examples.split)
     ends = np.cumsum([file.take for file in files])
@@ -311,7 +315,7 @@ def _damaged_file(examples, indices):
             examples[int(index)]
         except RuntimeError:
             return files[int(np.searchsorted(ends, index, side="right"))].filename
-    return "a file of the split"  # Read one by one, each was readable: the failure was of the batch read.
+    return None
 
 
 def indexed_records(source):

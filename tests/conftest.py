@@ -164,8 +164,8 @@ def run_program(module, *args, cwd=None):
         for number, handler in handlers.items():
             signal.signal(number, handler)
         flag_values.unparse_flags()
-        for name in set(flag_values) - defined:  # The program's, not a library's it imported (grain's stay with it).
-            if flag_values.find_module_defining_flag(name, "").startswith(("keras_alexnet", "__main__")):
+        for name in set(flag_values) - defined:  # The program's (its module is named after sys.argv[0] above),
+            if flag_values.find_module_defining_flag(name, "").startswith("keras_alexnet"):  # not array_record's.
                 delattr(flag_values, name)
         gc.collect()  # The program's model and pipelines: gone with it, as with a process.
     return subprocess.CompletedProcess([module, *args], returncode, stdout.getvalue(), stderr.getvalue())

@@ -2,7 +2,12 @@
 of two seeds writes its table of means and standard errors, resumes seed by seed and plots its curves."""
 import dataclasses
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import keras
 import numpy as np
@@ -180,3 +185,30 @@ def test_tiny_ablation_of_two_seeds_writes_its_table_and_curves(tmp_path):
     assert [top1, top5] == [spread(errors) for errors in zip(*ten_crop)]  # Eighths: exact in binary.
     assert versus == spread([t - b for (t, _), b in zip(ten_crop, base)], "+")
     assert (gap, speed, verdict) == ("", "", "no claim")
+
+
+@pytest.mark.slow
+def test_a_stopped_ablate_stops_its_run_which_the_next_one_resumes(tmp_path):
+    """SIGTERM to the ablate (a user's kill, a scheduler's) stops its run's child process too, which saves
+    as train does on SIGTERM (else it trains on alone, holding the run's lock); the next ablate goes on."""
+    run_dir = tmp_path / "baseline" / "seed0"
+    args = [sys.executable, "-m", "keras_alexnet.ablate", "--dataset=synthetic", "--batch_size=8", "--steps_per_epoch=2",
+            "--eval_steps=1", "--width=0.0625", "--variants=baseline", "--seeds=1", f"--output_dir={tmp_path}"]
+    ablate_process = subprocess.Popen([*args, "--epochs=1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "checkpoints").glob("ckpt-*.index")) and time.monotonic() < deadline:
+        assert ablate_process.poll() is None, ablate_process.communicate()[1][-2000:]
+        time.sleep(0.5)  # Until the run has its first epoch's checkpoint: it is training.
+    child = int((run_dir / checkpoint.LOCK).read_text().split()[1])
+    ablate_process.send_signal(signal.SIGTERM)
+    _, stderr = ablate_process.communicate(timeout=120)
+    assert ablate_process.returncode == 130 and stderr.endswith("interrupted\n"), stderr[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # Gone with it.
+    before = ablate.read_history(str(run_dir))
+    finished = subprocess.run([*args, f"--epochs={len(before) + 1}"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    after = ablate.read_history(str(run_dir))
+    assert len(after) == len(before) + 1 and after[:len(before)] == before  # Resumed, not trained anew.
+

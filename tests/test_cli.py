@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 import conftest
-from keras_alexnet import checkpoint, cli
+from keras_alexnet import checkpoint, cli, preprocess
 from keras_alexnet.errors import UserError
 
 # Root ignores chmod, so a read-only place is one no user may write: sysfs refuses new entries.
@@ -77,6 +77,39 @@ def test_a_file_where_a_folder_belongs(module, a_file, tmp_path):
     args = {"embed": [f"--saved_model={a_file}", f"--images={tmp_path / 'images'}", f"--logdir={tmp_path / 'logs'}"],
             "filters": [f"--model_dir={a_file}", f"--output={tmp_path / 'f.png'}"]}[module]
     assert_one_line(conftest.run_program(module, *args), a_file)
+
+
+def test_a_user_error_raised_in_a_numpy_function_is_one_line_and_a_bug_after_it_is_not():
+    """sources.py reads array_record files in a tf.numpy_function: a DataError raised there reaches the
+    program inside an OpError's message, with the function's traceback. The error that ended the traceback
+    decides: a bug raised while handling a DataError, or another library's DataError, is a bug."""
+    class DataError(Exception):  # Not ours: its module is this test's.
+        pass
+
+    def error_of(function):
+        dataset = tf.data.Dataset.range(1).map(lambda i: tf.numpy_function(function, [i], tf.int64))
+        with pytest.raises(tf.errors.OpError) as raised:
+            list(dataset)
+        return raised.value
+
+    def ours(_):
+        raise preprocess.DataError("shard-00001 cannot be read (hash mismatch): prepare it again")
+
+    def bug_while_handling_ours(_):
+        try:
+            ours(_)
+        except preprocess.DataError:
+            raise KeyError("a bug")
+
+    def another_librarys(_):
+        raise DataError("not ours")
+
+    error = error_of(ours)
+    assert cli.is_bad_input(error) and \
+        cli.one_line(error) == "shard-00001 cannot be read (hash mismatch): prepare it again"
+    for function in (bug_while_handling_ours, another_librarys):
+        error = error_of(function)
+        assert not cli.is_bad_input(error) and cli.raised_in_graph(error) is None, error.message
 
 
 def test_errors_are_one_line_and_interrupts_exit_130(capsys):

@@ -55,16 +55,21 @@ def test_the_files_and_their_contract(files, bvlc_run):
     assert sizes["litert_int8"] < sizes["litert"] / 3.5 and sizes["onnx_int8"] < sizes["onnx"] / 3.5, sizes
 
 
-def test_litert_int8_quantises_every_weight_and_keeps_lrn_in_float32(files):
-    """Selective quantisation (portable.litert): the 10 convolutions' and 5 dense layers' weights in int8,
-    LRN's ops (the square, the powers, the product) float32 in both towers of both LRN layers."""
-    interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
-    tensors = interpreter(model_path=str(files / portable.FILES["litert_int8"])).get_tensor_details()
+def test_litert_int8_quantises_every_kernel_and_keeps_lrn_in_float32(files):
+    """Selective quantisation (portable.litert): the 10 convolutions' and 5 dense layers' kernels in int8;
+    every part of LRN (the square, the window-sum matmul, the powers, the products) float32, in both towers
+    of both LRN layers."""
+    from ai_edge_litert.interpreter import Interpreter
+    tensors = Interpreter(model_path=str(files / portable.FILES["litert_int8"])).get_tensor_details()
     dtypes = {tensor["name"]: tensor["dtype"] for tensor in tensors}
-    lrn = [dtypes[name] for name in dtypes if re.search(r"/lrn\d_[ab]_1/(Square|Rsqrt|mul_2)$", name)]
-    weights = [dtypes[name] for name in dtypes if re.search(r"/(conv\d|fc\d)(_[ab])?_1/(convolution|MatMul)$", name)]
-    assert len(lrn) == 2 * 2 * 3 and set(lrn) == {np.float32}, lrn
-    assert len(weights) == 10 + 5 and set(weights) == {np.int8}, weights
+    lrn = {name: dtype for name, dtype in dtypes.items()
+           if re.search(r"/lrn\d_[ab]_1/(Square|MatMul|Rsqrt|Sqrt|mul|add)(_\d)?$", name)}
+    kernels = [dtypes[name] for name in dtypes if re.search(r"/(conv\d|fc\d)(_[ab])?_1/(convolution|MatMul)$", name)]
+    for layer in ("lrn1_a", "lrn1_b", "lrn2_a", "lrn2_b"):
+        assert {f"{layer}_1/{part}" for part in ("Square", "MatMul", "Rsqrt")} <= {
+            name.split("/", 2)[-1] for name in lrn}, (layer, sorted(lrn))
+    assert set(lrn.values()) == {np.float32}, lrn
+    assert len(kernels) == 10 + 5 and set(kernels) == {np.int8}, kernels
 
 
 @pytest.mark.parametrize("name", ["litert", "onnx"])

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import SHARED_DATA, run_cli, run_program
-from keras_alexnet import preprocess, sources, stats
+from keras_alexnet import cli, preprocess, sources, stats
 
 # JPEG quality 95 without chroma subsampling against decode_and_resize's uint8 image: measured on the
 # shared photos, mean absolute difference 1.7 levels and at most 22; on the drawings below 1.0 and 28.
@@ -183,9 +183,13 @@ def test_a_damaged_shard_is_named_in_one_line_and_prepare_writes_it_anew(folder,
     shard.write_bytes(bytes(data))
     result = run_program("stats", f"--dataset={damaged}", f"--output={tmp_path / 'stats.npz'}")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-3000:]
-    assert result.stderr.startswith(f"error: {shard} is damaged (") and result.stderr.endswith(
+    assert result.stderr.startswith(f"error: {shard} cannot be read (") and result.stderr.endswith(
         "): delete it and run prepare again, which writes it anew\n"), result.stderr
     assert not (tmp_path / "stats.npz").exists()
+    from_its_third = sources.load_source(str(damaged), "train[2:]")  # The file named through a split's offset.
+    with pytest.raises(tf.errors.OpError) as raised:
+        list(sources.decoded_images(from_its_third)[0])
+    assert cli.one_line(raised.value).startswith(f"{shard} cannot be read ("), raised.value.message[-2000:]
     shard.unlink()
     result = prepare(folder, damaged, "--shard_size=4")
     assert result.returncode == 0 and result.stdout.startswith(f"{damaged}: 1 shards of 4 images to write, "), \
