@@ -98,21 +98,23 @@ def two_checkpoints(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "index", "bytes"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, tmp_path, how):
-    """Every reader of a run falls back; the trainer's resume (the same restore_intact) is run for a cut file,
-    what a kill in the middle of a write leaves."""
+    """evaluate falls back from each kind of damage. For a cut file, what a kill in the middle of a write
+    leaves, so do the other readers of a run (all three read through weights.restore_model, so through
+    checkpoint.restore_intact) and the trainer's resume (restore_intact too)."""
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     damaged = damage(run, how)
     assert damaged == "ckpt-4"
-    for program, args in [("evaluate", []), ("export", [f"--export_dir={tmp_path / 'export'}"]),
-                          ("filters", [f"--output={tmp_path / 'filters.png'}"])]:
+    readers = [("evaluate", []), ("export", [f"--export_dir={tmp_path / 'export'}"]),
+               ("filters", [f"--output={tmp_path / 'filters.png'}"])]
+    for program, args in readers if how == "cut" else readers[:1]:
         result = run_program(program, f"--model_dir={run}", *args)
         assert result.returncode == 0, (program, result.stderr[-3000:])
         [line] = [line for line in result.stdout.splitlines() if line.startswith("damaged checkpoint")]
         assert line.startswith("damaged checkpoint ckpt-4 (") and line.endswith("): using ckpt-2"), line
-    assert (tmp_path / "export" / "2").is_dir()  # The version is the checkpoint's step.
     if how != "cut":
         return
+    assert (tmp_path / "export" / "2").is_dir()  # The version is the checkpoint's step.
     resumed = run_program("train", *TRAIN[3:], f"--model_dir={run}", "--steps_per_epoch=4", "--checkpoint_every=2",
                           "--epochs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
