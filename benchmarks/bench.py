@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_alexnet import data, data_service, distribute, export, lrn, portable, preprocess, sources
-from keras_alexnet.benchmark import images_per_second, new_strategy, train_step
+from keras_alexnet.benchmark import images_per_second, train_step
 from keras_alexnet.config import Config
 from keras_alexnet.model import INPUT_SHAPE, OnTower, build_alexnet
 from keras_alexnet.step import make_train_loop
@@ -217,7 +217,7 @@ def bench_loop(rows, data_dir, batch_size=64, steps=40, loop_steps=3):
             config = Config(dataset=str(folder), batch_size=batch_size, epochs=1, steps_per_epoch=steps,
                             eval_steps=1, cache="memory", model_dir=model_dir, steps_per_loop=loop, seed=0)
             set_up_process(config)
-            trainer = Trainer(config, new_strategy(list(plan)), plan)
+            trainer = Trainer(config, distribute.mirrored_strategy(list(plan)), plan)
             trainer.fit()
             speed = trainer.progress.speed  # The epoch's img/s, as history.jsonl records it.
         after = bare_speed()

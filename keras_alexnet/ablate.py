@@ -92,7 +92,7 @@ def ten_crop_error(config):
     source = sources.load_source(config.dataset, "validation", config.data_dir, seed=config.seed)
     dataset = data.eval_pipeline(source, config.batch_size, preprocess.Stats.load(run.stats_path), ten_crop=True,
                                  steps=config.eval_steps)
-    return metrics.evaluate(metrics.make_eval_step(tf.distribute.get_strategy(), model), dataset)
+    return metrics.evaluate(metrics.make_eval_step(tf.distribute.get_strategy(), model), dataset)[1]
 
 
 def standard_error(error, n):

@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_alexnet import cli, config, data, preprocess, sources
-from keras_alexnet.distribute import describe, make_strategy, split_cpu
+from keras_alexnet.distribute import describe, make_strategy, mirrored_strategy, split_cpu
 from keras_alexnet.errors import UserError
 from keras_alexnet.model import INPUT_SHAPE, build_alexnet, tower_variables
 from keras_alexnet.optimizer import PaperSGD
@@ -43,18 +43,11 @@ def images_per_second(call, batch_size, seconds=1.5, min_calls=2):
     return batch_size * calls / (time.perf_counter() - start)
 
 
-def new_strategy(devices):
-    """A MirroredStrategy over `devices`, with collective keys of its own (strategies of one process must not
-    share them: TensorFlow's own tests do the same)."""
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
-    return tf.distribute.MirroredStrategy(devices)
-
-
 def train_step(plan, run, num_classes, strategy=None, rebuild=None):
     """Our training step on `plan` ({replica: [tower A, tower B]}): the model of Config `run` (`rebuild(model)`
     may swap its layers) and PaperSGD. A call (images, labels) -> loss (make_train_step's), with `.strategy`
     (default: a new_strategy of the plan's replicas) and `.replica_step` (for make_train_loop)."""
-    strategy = strategy or new_strategy(list(plan))
+    strategy = strategy or mirrored_strategy(list(plan))
     with tower_variables(), strategy.scope():
         model = build_alexnet(num_classes, tower_devices=plan, dropout_rate=run.dropout_rate, init=run.init,
                               seed=run.seed, width=run.width)

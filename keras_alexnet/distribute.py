@@ -76,6 +76,13 @@ def cluster_resolver(cluster, devices, port):
         auto_set_gpu=False)
 
 
+def mirrored_strategy(devices):
+    """A MirroredStrategy over `devices`, with collective keys of its own: strategies made in one process
+    must not share them (TensorFlow's own tests do the same, strategy_combinations.py)."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    return tf.distribute.MirroredStrategy(devices)
+
+
 def make_strategy(towers_per_replica, devices=None, cluster="auto", port=8888):
     """(strategy, plan): device_plan of `devices` (default: local_devices()), and its strategy.
 
@@ -86,7 +93,7 @@ def make_strategy(towers_per_replica, devices=None, cluster="auto", port=8888):
     workers = cluster_resolver(cluster, devices, port)
     if workers is None:
         plan = device_plan(devices, towers_per_replica)
-        return tf.distribute.MirroredStrategy(list(plan)), plan
+        return mirrored_strategy(list(plan)), plan
     plan = device_plan(devices, towers_per_replica, multi_worker=True)
     spec, gpus = workers.cluster_spec(), _on_gpus(devices)  # Slurm's task_id is known after cluster_spec().
     # TF_CONFIG's resolver would make every local GPU a replica, Slurm's a GPU of a CPU task: this one says how many.

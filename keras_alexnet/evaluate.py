@@ -1,4 +1,5 @@
-"""Top-1 / top-5 error of a model on a split, with the centre crop or the paper's 10-crop test (section 4.1).
+"""Top-1 / top-5 error of a model on a split, with the centre crop and the paper's 10-crop test (section 4.1),
+from one pass over the images (the centre crop is one of the ten views).
 
     python -m keras_alexnet.evaluate --model_dir runs/alexnet [--ten_crop] [--split validation]
 
@@ -49,11 +50,9 @@ def main(argv):
     stats = preprocess.Stats.load(run.stats_path)
     strategy = tf.distribute.get_strategy()
     eval_step = metrics.make_eval_step(strategy, model)
-    results = {}
-    for name, ten_crop in [("centre crop", False)] + [("10-crop", True)] * FLAGS.ten_crop:
-        dataset = data.eval_pipeline(source, FLAGS.batch_size, stats, ten_crop=ten_crop)
-        results[name] = metrics.evaluate(eval_step, dataset, batches=data.eval_steps(source.num_examples,
-                                                                                      FLAGS.batch_size))
+    dataset = data.eval_pipeline(source, FLAGS.batch_size, stats, ten_crop=FLAGS.ten_crop)
+    results = dict(zip(["centre crop", "10-crop"], metrics.evaluate(  # One pass: 10-crop's views hold the centre.
+        eval_step, dataset, batches=data.eval_steps(source.num_examples, FLAGS.batch_size))))
     print(f"\n{FLAGS.split} of {dataset_name} at step {step}:")
     print("| test | top-1 error | top-5 error | loss | images |\n|---|---|---|---|---|")
     for name, r in results.items():

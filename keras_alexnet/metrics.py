@@ -43,17 +43,17 @@ def errors(summed):
 
 
 def make_eval_step(strategy, model):
-    """A tf.function: the `totals` of a distributed batch, summed over the replicas.
-
-    The views of a 10-crop batch ([B, 10, 227, 227, 3]) have their softmax outputs averaged (section 4.1).
+    """A tf.function: the `totals` of each test of a distributed batch, summed over the replicas: [1, 4]
+    for centre crops; [2, 4] for a 10-crop batch ([B, 10, 227, 227, 3], preprocess.ten_crop's views, the
+    centre crop first): the centre crop, and the ten views' softmax outputs averaged (section 4.1), from
+    one pass of the network.
     """
 
     def replica_step(images, labels):
         if images.shape.rank == 5:
-            probabilities = preprocess.average_over_views(lambda flat: model(flat, training=False), images)
-        else:
-            probabilities = model(images, training=False)
-        return totals(labels, probabilities)
+            views = preprocess.over_views(lambda flat: model(flat, training=False), images)
+            return tf.stack([totals(labels, views[:, 0]), totals(labels, tf.reduce_mean(views, axis=1))])
+        return totals(labels, model(images, training=False))[None]
 
     @tf.function
     def step(images, labels):
@@ -63,13 +63,14 @@ def make_eval_step(strategy, model):
 
 
 def evaluate(step, dataset, progress=True, batches=None, after_batch=None):
-    """The `errors` of a `make_eval_step` step over a finite (distributed) dataset; `after_batch()` is
-    called after each batch (the trainer's check for SIGTERM)."""
-    summed = tf.zeros([len(TOTALS)])
+    """The `errors` of each test of a `make_eval_step` step over a finite (distributed) dataset, a list:
+    [centre crop], or [centre crop, 10-crop] for 10-crop batches. `after_batch()` is called after each
+    batch (the trainer's check for SIGTERM)."""
+    summed = tf.zeros([1, len(TOTALS)])
     bar = progress_bar(batches, "batch", verbose=progress)
     for images, labels in dataset:
         summed += step(images, labels)
         bar.add(1)
         if after_batch:
             after_batch()
-    return errors(summed.numpy())
+    return [errors(test) for test in summed.numpy()]

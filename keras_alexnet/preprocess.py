@@ -275,12 +275,17 @@ def ten_crop(image, size=CROP_SIZE):
     return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
 
 
-def average_over_views(predict, views):
-    """`predict` of views [B, V, H, W, C] run as one batch of B * V, its outputs averaged over each
-    image's V views: section 4.1 averages "the predictions made by the network's softmax layer on the
-    ten patches"."""
+def over_views(predict, views):
+    """`predict` of views [B, V, H, W, C] run as one batch of B * V: its outputs [B, V, ...], each image's
+    V views'."""
     outputs = predict(tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0)))
-    return tf.reduce_mean(tf.reshape(outputs, [-1, tf.shape(views)[1], outputs.shape[-1]]), axis=1)
+    return tf.reshape(outputs, [-1, tf.shape(views)[1], outputs.shape[-1]])
+
+
+def average_over_views(predict, views):
+    """`over_views` averaged over each image's views: section 4.1 averages "the predictions made by the
+    network's softmax layer on the ten patches"."""
+    return tf.reduce_mean(over_views(predict, views), axis=1)
 
 
 def lighting_offset(alphas, stats):

@@ -315,7 +315,7 @@ class Trainer:
         if not train_metrics["images"]:
             raise preprocess.DataError(f"no image of {config.dataset} could be read in epoch {epoch + 1}")
         # SIGTERM during validation saves the epoch's training and stops; the resumed run validates it anew.
-        val_metrics = metrics.evaluate(self.eval_step, self.val_data, progress=False, after_batch=self._if_preempted)
+        [val_metrics] = metrics.evaluate(self.eval_step, self.val_data, progress=False, after_batch=self._if_preempted)
         learning_rate = float(self.optimizer.learning_rate)  # The epoch's last step's, before the plateau rule.
         self.state["epoch"].assign_add(1)
         if update_learning_rate(self.state, self.base_lr, val_metrics["top1_error"], config):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import NARROW, run_program
-from keras_alexnet import benchmark
+from keras_alexnet import benchmark, distribute
 
 QUICK = [f"--width={NARROW['width']}", "--batch_size=8", "--steps_per_loop=1", "--seconds=0.3"]
 ROWS = ["training, synthetic batches on the devices (what the model can take)",
@@ -58,7 +58,7 @@ def test_the_table_and_its_verdict_agree(tmp_path, dataset):
 
 
 def test_the_synthetic_batches_are_made_on_the_replicas_devices(logical_cpus):
-    strategy = benchmark.new_strategy(logical_cpus[:2])
+    strategy = distribute.mirrored_strategy(logical_cpus[:2])
     images, labels = benchmark.resident_batch(strategy, 4, 10)
     for part in images, labels:
         assert [t.device for t in strategy.experimental_local_results(part)] == list(strategy.extended.worker_devices)

@@ -43,13 +43,8 @@ RUN = dict(dataset="synthetic", batch_size=8, epochs=2, steps_per_epoch=3, eval_
 FLAGS = [f"--{key}={value}" for key, value in RUN.items()]
 
 
-def new_strategy(towers_per_replica, devices):
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000  # As conftest.separate_strategies.
-    return distribute.make_strategy(towers_per_replica, devices)
-
-
 def run_in_process(model_dir, devices, towers_per_replica, **changes):
-    strategy, plan = new_strategy(towers_per_replica, devices)
+    strategy, plan = distribute.make_strategy(towers_per_replica, devices)
     config = Config(**RUN, model_dir=str(model_dir), towers_per_replica=towers_per_replica, **changes)
     trainer.set_up_process(config)
     trainer.Trainer(config, strategy, plan).fit()
@@ -132,7 +127,7 @@ def one_step(devices, towers_per_replica, images, labels):
     """The momentum slots after one training step on the global batch (images, labels): from zero, a
     slot is then the step itself, w1 - w0 = -lr (dL/dw + decay w)."""
     config = Config(**RUN)
-    strategy, plan = new_strategy(towers_per_replica, devices)
+    strategy, plan = distribute.make_strategy(towers_per_replica, devices)
     model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed, width=config.width)
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(config.batch_size)
     make_train_step(strategy, model, optimizer, config)(*next(iter(strategy.experimental_distribute_dataset(batches))))
@@ -163,7 +158,7 @@ def placed_strategy(plan_name, logical_cpus):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return strategy, {strategy.extended.worker_devices[0]: logical_cpus[:2]}
     devices, towers = {"a": (logical_cpus[:2], 2), "b": (logical_cpus, 2), "c": (logical_cpus[:2], 1)}[plan_name]
-    return new_strategy(towers, devices)
+    return distribute.make_strategy(towers, devices)
 
 
 def bytes_per_device(variables):
@@ -212,7 +207,7 @@ def test_xla_is_refused_for_two_towers_on_two_devices(tmp_path, logical_cpus):
     config = Config(**XLA, model_dir=str(tmp_path / "run"))
     trainer.set_up_process(config)
     with pytest.raises(UserError, match=r"^--jit_compile with two towers on two devices: .*--towers_per_replica=1"):
-        trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
+        trainer.Trainer(config, *distribute.make_strategy(2, logical_cpus[:2]))
     assert not (tmp_path / "run").exists()
 
 
@@ -220,7 +215,7 @@ def test_xla_is_refused_for_two_towers_on_two_devices(tmp_path, logical_cpus):
 def test_xla_runs_replicas_of_one_device(logical_cpus):
     """Plan (c): a replica is one device, and its XLA step compiles and runs (op determinism off for it)."""
     config = Config(**XLA)
-    strategy, plan = new_strategy(1, logical_cpus[:2])
+    strategy, plan = distribute.make_strategy(1, logical_cpus[:2])
     model, optimizer = model_and_sgd(strategy, plan, config, width=RUN["width"])
     batches = tf.data.Dataset.from_tensor_slices((tf.random.stateless_normal([8, 227, 227, 3], [0, 8], stddev=50),
                                                   tf.range(8))).batch(8)
@@ -240,7 +235,7 @@ def test_a_loop_sums_its_totals_over_the_replicas_once(logical_cpus, monkeypatch
     """Each replica keeps its totals across the loop's steps; the one reduction (across workers, a collective
     between hosts) is traced outside the loop's body, not in every step."""
     config = Config(**RUN)
-    strategy, plan = new_strategy(2, logical_cpus)  # (b): 2 replicas.
+    strategy, plan = distribute.make_strategy(2, logical_cpus)  # (b): 2 replicas.
     model, optimizer = model_and_sgd(strategy, plan, config, width=RUN["width"])
     graphs, reduce = [], strategy.reduce
 
@@ -271,7 +266,7 @@ def test_uint8_batches_made_float_on_the_replicas_train_as_the_float_pipeline(lo
     stats.mean_image = np.random.default_rng(5).uniform(0, 255, stats.mean_image.shape).astype(np.float32)
     weights = {}
     for to_float in (True, False):
-        strategy, plan = new_strategy(2, logical_cpus)
+        strategy, plan = distribute.make_strategy(2, logical_cpus)
         model, optimizer = model_and_sgd(strategy, plan, config, init=config.init, seed=config.seed, width=config.width)
         initial = model.trainable_variables[0].numpy()
         loop = make_train_loop(strategy, make_replica_step(model, optimizer, config), tf.Variable(0, dtype=tf.int64),
@@ -435,7 +430,7 @@ def test_sigterm_on_a_gcp_gpu_vm_saves_and_stops(tmp_path, logical_cpus, monkeyp
     monkeypatch.setattr(failure_handling_util, "detect_platform", lambda: failure_handling_util.PlatformDevice.GCE_GPU)
     config = Config(**RUN, model_dir=str(tmp_path), steps_per_loop=1, preemption_exit_code=143)
     trainer.set_up_process(config)
-    run = trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
+    run = trainer.Trainer(config, *distribute.make_strategy(2, logical_cpus[:2]))
     assert run.preemption._platform_device is failure_handling_util.PlatformDevice.GCE_GPU
     signal.raise_signal(signal.SIGTERM)
     time.sleep(1.5)  # The handler polls the flag each second.
@@ -453,7 +448,7 @@ def test_a_run_on_a_gcp_cpu_vm_ends_cleanly(tmp_path, logical_cpus, monkeypatch)
     monkeypatch.setattr(failure_handling_util, "detect_platform", lambda: failure_handling_util.PlatformDevice.GCE_CPU)
     config = Config(**{**RUN, "epochs": 1, "steps_per_epoch": 1}, model_dir=str(tmp_path))
     trainer.set_up_process(config)
-    run = trainer.Trainer(config, *new_strategy(2, logical_cpus[:2]))
+    run = trainer.Trainer(config, *distribute.make_strategy(2, logical_cpus[:2]))
     assert getattr(run.preemption, "_poll_termination_signal_thread", None) is None
     run.fit()
     assert run.step == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -636,7 +631,7 @@ def mixed_float16_step(devices, images, labels):
     """(weights before, weights after, momentum slots after: the step itself, loss scale after) of one
     mixed_float16 step of a narrow AlexNet on `devices`, one replica each (both towers on its device)."""
     keras.mixed_precision.set_dtype_policy("mixed_float16")
-    strategy, plan = new_strategy(1, devices)
+    strategy, plan = distribute.make_strategy(1, devices)
     config = Config(batch_size=len(labels), dropout_rate=0.0, learning_rate=0.01, momentum=0.9)
     model, optimizer = model_and_sgd(strategy, plan, config, init="caffe", loss_scale=True, width=1 / 8)
     before = [v.numpy() for v in model.trainable_variables]

@@ -98,15 +98,15 @@ def two_checkpoints(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "index", "bytes"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, tmp_path, how):
-    """evaluate falls back from each kind of damage. For a cut file, what a kill in the middle of a write
-    leaves, so do the other readers of a run (all three read through weights.restore_model, so through
-    checkpoint.restore_intact) and the trainer's resume (restore_intact too)."""
+    """filters (the quickest reader) falls back from each kind of damage. For a cut file, what a kill in the
+    middle of a write leaves, so do the other readers of a run (all three read through weights.restore_model,
+    so through checkpoint.restore_intact) and the trainer's resume (restore_intact too)."""
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     damaged = damage(run, how)
     assert damaged == "ckpt-4"
-    readers = [("evaluate", []), ("export", [f"--export_dir={tmp_path / 'export'}"]),
-               ("filters", [f"--output={tmp_path / 'filters.png'}"])]
+    readers = [("filters", [f"--output={tmp_path / 'filters.png'}"]), ("evaluate", []),
+               ("export", [f"--export_dir={tmp_path / 'export'}"])]
     for program, args in readers if how == "cut" else readers[:1]:
         result = run_program(program, f"--model_dir={run}", *args)
         assert result.returncode == 0, (program, result.stderr[-3000:])
@@ -228,6 +228,7 @@ def test_a_damaged_config_json_names_itself(two_checkpoints, tmp_path):
     ("--learning_rate=inf", "--learning_rate must be a finite number, got inf"),
     ("--momentum=-0.5", "--momentum must be in [0, 1), got -0.5"),
     ("--width=0", "--width must be positive, got 0.0"),
+    ("--cache=none", "--cache must be 'memory' or an .npy file path, got 'none' (leave it out for no cache)"),
 ])
 def test_flags_no_run_can_use_are_refused_before_anything_is_written(tmp_path, flag, message):
     result = run_program("train", *TRAIN[3:], f"--model_dir={tmp_path / 'run'}", flag, cwd=tmp_path)

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import NARROW, run_program
-from keras_alexnet import benchmark, checkpoint, distribute, model, preprocess, summaries, trainer
+from keras_alexnet import checkpoint, distribute, model, preprocess, summaries, trainer
 from keras_alexnet.config import PRESETS, Config
 from keras_alexnet.model import build_alexnet, tower_variables
 from keras_alexnet.epoch_rules import TrainingStuck, check_stuck, is_stuck, stuck_warning, update_learning_rate
@@ -40,7 +40,7 @@ def replica_plan(logical_cpus):
     cpu0, cpu1, cpu2, cpu3 = logical_cpus
     # Its own collective keys: a module fixture is made before the test's separate_strategies, so at the
     # key base of the previous test's strategies.
-    return benchmark.new_strategy([cpu0, cpu1]), {cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}
+    return distribute.mirrored_strategy([cpu0, cpu1]), {cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}
 
 
 @pytest.fixture(scope="module")
