@@ -46,7 +46,7 @@ def images_per_second(call, batch_size, seconds=1.5, min_calls=2):
 def train_step(plan, run, num_classes, strategy=None, rebuild=None):
     """Our training step on `plan` ({replica: [tower A, tower B]}): the model of Config `run` (`rebuild(model)`
     may swap its layers) and PaperSGD. A call (images, labels) -> loss (make_train_step's), with `.strategy`
-    (default: a new_strategy of the plan's replicas) and `.replica_step` (for make_train_loop)."""
+    (default: a distribute.mirrored_strategy of the plan's replicas) and `.replica_step` (for make_train_loop)."""
     strategy = strategy or mirrored_strategy(list(plan))
     with tower_variables(), strategy.scope():
         model = build_alexnet(num_classes, tower_devices=plan, dropout_rate=run.dropout_rate, init=run.init,

@@ -123,7 +123,7 @@ class Config:
         if self.deterministic and self.jit_compile:
             raise UserError("--deterministic with --jit_compile: XLA has no deterministic max-pooling gradient "
                             "(tensorflow/tensorflow#69417); drop one of them")
-        if self.cache and self.cache != "memory" and not self.cache.endswith(".npy"):
+        if self.cache and self.cache != "memory" and not self.cache.lower().endswith(".npy"):
             raise UserError(f"--cache must be 'memory' or an .npy file path, got {self.cache!r} (leave it out for "
                             "no cache)")
         if self.data_service:
