@@ -68,22 +68,15 @@ def logical_cpus():
     return [device.name for device in tf.config.list_logical_devices("CPU")]
 
 
-@pytest.fixture(autouse=True)
-def separate_strategies():
-    """Strategies made in one process must not share collective group keys (TensorFlow's own tests
-    do this, strategy_combinations.py): for the tests that make a MirroredStrategy themselves
-    (distribute.mirrored_strategy, so make_strategy, does it for each of its own)."""
-    tf.distribute.MirroredStrategy._collective_key_base += 100_000
-
-
 @pytest.fixture(scope="module", autouse=True)
 def free_models():
     """Each AlexNet holds about 1 GB with its optimizer: let a module's models go before the next."""
     yield
     keras.backend.clear_session(free_memory=True)
     gc.collect()
-    if sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim"):  # glibc's (not musl's):
-        ctypes.CDLL(None).malloc_trim(0)  # its freed pages back to the system.
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    if hasattr(libc, "malloc_trim"):  # glibc's (not musl's): its freed pages back to the system.
+        libc.malloc_trim(0)
 
 
 @pytest.fixture(scope="session")

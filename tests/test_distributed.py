@@ -563,7 +563,7 @@ def fc6_masks(strategy, plan, images):
 
 @pytest.mark.slow
 def test_dropout_differs_between_replicas_and_repeats_with_the_seed(logical_cpus):
-    strategy = tf.distribute.MirroredStrategy(logical_cpus[:2])
+    strategy = distribute.mirrored_strategy(logical_cpus[:2])
     plan = {d: [d, d] for d in logical_cpus[:2]}
     images = tf.random.stateless_normal([2, 227, 227, 3], [0, 1], stddev=50)
     first = fc6_masks(strategy, plan, images)
@@ -586,7 +586,7 @@ def decay_only_step(policy_name, logical_cpus):
     """(w before, w after) of one step whose data gradient is exactly 0: fc8's bias makes the softmax
     one-hot on the label, so only weight decay moves the weights."""
     keras.mixed_precision.set_dtype_policy(policy_name)
-    strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
+    strategy = distribute.mirrored_strategy(logical_cpus[:1])
     config = Config(batch_size=2, dropout_rate=0.0, learning_rate=0.1, weight_decay=0.01, momentum=0.9)
     model, optimizer = model_and_sgd(strategy, {logical_cpus[0]: logical_cpus[:2]}, config,
                                      loss_scale=policy_name == "mixed_float16", **NARROW)
@@ -609,7 +609,7 @@ def test_mixed_float16_decays_unscaled_gradients_exactly_as_float32(policy, logi
 @pytest.mark.parametrize("policy_name", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_steps_learn_with_lrn_in_float32(policy, policy_name, logical_cpus):
     keras.mixed_precision.set_dtype_policy(policy_name)
-    strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
+    strategy = distribute.mirrored_strategy(logical_cpus[:1])
     # The narrow net under Caffe's fillers passes almost no signal (its loss stays at ln 4 for these 6 steps):
     # Glorot's scale with the fan-in, at a learning rate it does not diverge at. Under float16 the first steps
     # overflow and are skipped while the loss scale comes down (seen: 2.27 thrice, then 1.61, 1.39, 1.20).

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import keras_alexnet
 from conftest import NARROW
+from keras_alexnet import distribute
 from keras_alexnet.model import build_alexnet, feature_model, tower_variables
 
 SHAPES = {  # Per tower, the paper's layer sizes (section 3.5 and Figure 2).
@@ -122,7 +123,7 @@ def test_towers_run_on_their_own_devices(logical_cpus):
 
 def test_a_plan_places_each_replicas_towers(logical_cpus):
     cpu0, cpu1, cpu2, cpu3 = logical_cpus
-    strategy = tf.distribute.MirroredStrategy([cpu0, cpu1])
+    strategy = distribute.mirrored_strategy([cpu0, cpu1])
     with tower_variables(), strategy.scope():
         model = build_alexnet(10, tower_devices={cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}, seed=0, **NARROW)
 
@@ -142,7 +143,7 @@ def test_a_plan_places_each_replicas_towers(logical_cpus):
 def test_a_plan_in_a_strategy_without_tower_variables_is_refused(logical_cpus):
     """Else the strategy would put both towers' weights on the replica's device (tower_variables' docstring)."""
     cpu0, cpu1 = logical_cpus[:2]
-    strategy = tf.distribute.MirroredStrategy([cpu0])
+    strategy = distribute.mirrored_strategy([cpu0])
     with strategy.scope(), pytest.raises(ValueError, match=r"inside keras_alexnet.model.tower_variables\(\)"):
         build_alexnet(10, tower_devices={cpu0: [cpu0, cpu1]}, **NARROW)
     with strategy.scope(), tower_variables(), pytest.raises(ValueError, match="before strategy.scope()"):
@@ -187,7 +188,7 @@ def test_summary_prints_the_layer_table(alexnet):
 def test_unplaced_towers_keep_each_replicas_device(logical_cpus):
     """tower_devices=None inside a MirroredStrategy: every op of replica 1 runs on replica 1's device
     (a tf.device(None) scope would clear the replica's and put both replicas on one device)."""
-    strategy = tf.distribute.MirroredStrategy(logical_cpus[:2])
+    strategy = distribute.mirrored_strategy(logical_cpus[:2])
     with strategy.scope():
         model = build_alexnet(10, tower_devices=None, seed=0, width=1 / 16)
 

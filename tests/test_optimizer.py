@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import NARROW
-from keras_alexnet import PaperPlateau, PaperSGD
+from keras_alexnet import PaperPlateau, PaperSGD, distribute
 from keras_alexnet.config import Config
 from keras_alexnet.epoch_rules import update_learning_rate
 from keras_alexnet.model import build_alexnet, tower_variables
@@ -105,7 +105,7 @@ def test_fit_takes_the_trainers_steps(logical_cpus):
     images = tf.random.stateless_normal([12, 227, 227, 3], [0, 7], stddev=50)
     labels = tf.constant([0, 3, 5, 9, 1, 2, 4, 6, 7, 8, 0, 1])
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(config.batch_size)
-    strategy = tf.distribute.MirroredStrategy(logical_cpus[:1])
+    strategy = distribute.mirrored_strategy(logical_cpus[:1])
     with tower_variables(), strategy.scope():
         ours = build_alexnet(10, tower_devices={logical_cpus[0]: logical_cpus[:2]}, dropout_rate=0.0,
                              init="glorot", seed=5, **NARROW)
@@ -135,7 +135,7 @@ def test_two_replicas_decay_once(logical_cpus):
     weights = {}
     for name, devices, decay in [("one", logical_cpus[:1], 0.05), ("two", logical_cpus[:2], 0.05),
                                  ("twice the decay", logical_cpus[:1], 0.1)]:
-        with tf.distribute.MirroredStrategy(devices).scope():
+        with distribute.mirrored_strategy(devices).scope():
             model = dense_model()
             model.compile(PaperSGD(0.1, weight_decay=decay, decay_biases=True),
                           keras.losses.SparseCategoricalCrossentropy())

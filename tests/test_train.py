@@ -38,8 +38,6 @@ def run_trainer(model_dir, *args, env=None, timeout=240):
 @pytest.fixture(scope="module")
 def replica_plan(logical_cpus):
     cpu0, cpu1, cpu2, cpu3 = logical_cpus
-    # Its own collective keys: a module fixture is made before the test's separate_strategies, so at the
-    # key base of the previous test's strategies.
     return distribute.mirrored_strategy([cpu0, cpu1]), {cpu0: [cpu0, cpu2], cpu1: [cpu1, cpu3]}
 
 
